@@ -1,0 +1,33 @@
+// seqkern._C: the C++ CPU ops (always) and the CUDA ops (CUDA builds), plus build metadata.
+#include <torch/extension.h>
+
+#ifndef SEQKERN_TORCH_VERSION
+#define SEQKERN_TORCH_VERSION "unknown"
+#endif
+#ifndef SEQKERN_CUDA_VERSION
+#define SEQKERN_CUDA_VERSION ""
+#endif
+#ifndef SEQKERN_CUDA_ARCHS
+#define SEQKERN_CUDA_ARCHS ""
+#endif
+
+namespace seqkern {
+namespace adaln {
+void bind(pybind11::module_& m);
+}
+}  // namespace seqkern
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "seqkern compiled ops";
+  pybind11::dict info;
+  info["torch"] = SEQKERN_TORCH_VERSION;
+  info["cuda"] = SEQKERN_CUDA_VERSION;
+  info["cuda_archs"] = SEQKERN_CUDA_ARCHS;
+#ifdef SEQKERN_WITH_CUDA
+  info["with_cuda"] = true;
+#else
+  info["with_cuda"] = false;
+#endif
+  m.attr("build_info") = info;
+  seqkern::adaln::bind(m);
+}
