@@ -19,18 +19,21 @@ namespace {
 
 struct Tiling {
   int vec;      // elements per 16-byte pack, or 1
-  int nv;       // packs per thread: 1, 2, 4 or 8
+  int nv;       // packs per thread: 1, 2, 4, 8 or 16
   int threads;  // multiple of 32, at most kMaxThreads
 };
 
 bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-// Returns false when dim is too large for a register-resident row.
+// Register budget: past 16 fp32 values of each row tensor per thread, ptxas spills the backward.
+constexpr int kMaxElemsPerThread = 16;
+
+// Returns false when dim is too large for a register-resident row (dim > 512 * 16 = 8192).
 template <typename T>
 bool choose_tiling(int64_t dim, bool can_vectorize, Tiling* out) {
   const int vec = (can_vectorize && dim % (16 / sizeof(T)) == 0) ? 16 / sizeof(T) : 1;
   const int64_t packs = dim / vec;
-  for (int nv = 1; nv <= 8; nv *= 2) {
+  for (int nv = 1; nv * vec <= kMaxElemsPerThread; nv *= 2) {
     const int64_t threads = ((packs + nv - 1) / nv + 31) / 32 * 32;
     if (threads <= kMaxThreads) {
       *out = Tiling{vec, nv, static_cast<int>(threads)};
@@ -40,19 +43,30 @@ bool choose_tiling(int64_t dim, bool can_vectorize, Tiling* out) {
   return false;
 }
 
-// Calls f(std::integral_constant<int, NV>, std::integral_constant<int, VEC>) for the tiling.
+// Calls f(std::integral_constant<int, NV>, std::integral_constant<int, VEC>) for the tiling;
+// tilings over the register budget are never instantiated.
+template <int NV, int VEC, typename F>
+Status call_tiled(F&& f) {
+  if constexpr (NV * VEC <= kMaxElemsPerThread) {
+    return f(std::integral_constant<int, NV>{}, std::integral_constant<int, VEC>{});
+  } else {
+    return static_cast<Status>(cudaErrorInvalidValue);
+  }
+}
+
 template <typename T, typename F>
 Status with_tiling(const Tiling& t, F&& f) {
   constexpr int kVec = 16 / sizeof(T);
-#define SK_ADALN_NV(NV)                                                                  \
-  case NV:                                                                               \
-    if (t.vec == 1) return f(std::integral_constant<int, NV>{}, std::integral_constant<int, 1>{}); \
-    return f(std::integral_constant<int, NV>{}, std::integral_constant<int, kVec>{});
+#define SK_ADALN_NV(NV)                                    \
+  case NV:                                                 \
+    if (t.vec == 1) return call_tiled<NV, 1>(f);           \
+    return call_tiled<NV, kVec>(f);
   switch (t.nv) {
     SK_ADALN_NV(1)
     SK_ADALN_NV(2)
     SK_ADALN_NV(4)
     SK_ADALN_NV(8)
+    SK_ADALN_NV(16)
   }
 #undef SK_ADALN_NV
   return static_cast<Status>(cudaErrorInvalidValue);

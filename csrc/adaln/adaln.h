@@ -42,9 +42,8 @@ struct BwdParams {
   bool per_token;
 };
 
-// Largest D the CUDA kernels take: 4096, or 4096 * (16 / sizeof(element)) when D is a multiple
-// of the 16-byte vector width and every pointer is 16-byte aligned.
-constexpr int64_t kCudaMaxDimScalar = 4096;
+// Largest D the CUDA kernels take (512 threads x 16 register-resident values per row tensor).
+constexpr int64_t kCudaMaxDim = 8192;
 
 // How many row-splits per batch element the backward uses (sizes the workspace).
 int64_t cuda_bwd_num_splits(int64_t batch, int64_t seqlen, int device);

@@ -93,7 +93,7 @@ DType dtype_tag(const at::Tensor& t) {
 void check_status(Status st, const char* what, int64_t dim) {
   TORCH_CHECK(st == kSuccess, what, " failed: ", cuda_status_string(st),
               st == 1 ? " (invalid value: D = " + std::to_string(dim) +
-                            " may exceed the register-resident row limit)"
+                            " may exceed " + std::to_string(kCudaMaxDim) + ")"
                       : std::string());
 }
 
@@ -152,7 +152,7 @@ void bind(pybind11::module_& m) {
         py::arg("gamma"), py::arg("beta"), py::arg("eps"));
   m.def("adaln_bwd_cuda", &bwd_cuda, "AdaLN backward on CUDA -> (dx, dgamma, dbeta)",
         py::arg("dy"), py::arg("x"), py::arg("gamma"), py::arg("mean"), py::arg("rstd"));
-  m.attr("adaln_cuda_max_dim_scalar") = kCudaMaxDimScalar;
+  m.attr("adaln_cuda_max_dim") = kCudaMaxDim;
 #endif
 }
 

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One command for a machine with a CUDA GPU, the CUDA toolkit and no network:
+# build the CUDA extension in place, run the cuda test tier, run `seqkern bench` at full sizes,
+# and write results and logs to OUTDIR. Meant to finish inside 10 minutes on an H100.
+#
+#   benchmarks/gpu_check.sh OUTDIR
+#
+# OUTDIR gets: build.log, info.txt, test_cuda.log, bench.log, and results/<gpu-slug>/full.json
+# plus one full-<op>.png per op. Commit the results/ part under benchmarks/results/.
+set -uo pipefail
+
+OUT=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+status=0
+
+# Build for the GPU that is here (fast) unless the caller says otherwise; a failed CUDA
+# compile is an error, never a silent CPU-only build.
+if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+  TORCH_CUDA_ARCH_LIST=$($PY -c 'import torch; p = torch.cuda.get_device_capability(); print(f"{p[0]}.{p[1]}")')
+  export TORCH_CUDA_ARCH_LIST
+fi
+export SEQKERN_FORCE_CUDA_BUILD=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} PYTHONUNBUFFERED=1
+echo "== build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)" | tee "$OUT/build.log"
+start=$(date +%s)
+if ! $PY -m pip install --no-build-isolation --no-deps --no-index -e . >>"$OUT/build.log" 2>&1; then
+  echo "build FAILED; see build.log" | tee -a "$OUT/build.log"
+  tail -40 "$OUT/build.log"
+  exit 1
+fi
+echo "built in $(( $(date +%s) - start )) s" | tee -a "$OUT/build.log"
+
+$PY -m seqkern info 2>&1 | tee "$OUT/info.txt"
+
+echo "== cuda test tier"
+start=$(date +%s)
+$PY -m pytest -m cuda -q -p no:cacheprovider 2>&1 | tee "$OUT/test_cuda.log" | tail -25
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+echo "tests took $(( $(date +%s) - start )) s"
+
+echo "== seqkern bench (full sizes)"
+$PY -m seqkern bench --out "$OUT/results" --no-progress 2>&1 | tee "$OUT/bench.log" | tail -60
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+exit $status

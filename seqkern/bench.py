@@ -1,0 +1,513 @@
+"""`seqkern bench`: time every op on every available backend against upstream and its peers.
+
+For each registered op, at speech-sized shapes on the best device present, every available
+seqkern backend and every baseline (the upstream-equivalent eager code, torch.compile of the
+reference, and SDPA / FlexAttention for attention ops) is timed, checked against the float64
+oracle, and reported with counted bytes and FLOPs, peak memory and the ratio to each baseline
+measured in the same run. Results go to `<out>/<device-slug>/<run-name>.json` plus one PNG
+plot per op.
+
+GB/s and TFLOP/s use the op's *minimal* traffic and arithmetic (what an ideal fused kernel
+must move and compute), the same count for every provider: they are effective rates, directly
+comparable across providers and with the device's peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import platform
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+import seqkern
+from seqkern import backends
+from seqkern.testing import max_abs_error
+
+DIRECTIONS = ("fwd", "bwd")
+BASELINES = ("upstream", "compile", "sdpa", "flex")
+
+
+@dataclass
+class Case:
+    name: str
+    params: dict
+
+
+@dataclass
+class Provider:
+    """A way to compute the op: `fn(*inputs) -> output`, with an optional backend setting."""
+
+    provider: str  # seqkern | upstream | compile | sdpa | flex
+    fn: Callable[..., Tensor]
+    backend: str | None = None  # the seqkern backend, for provider == "seqkern"
+
+    @property
+    def label(self) -> str:
+        return f"seqkern[{self.backend}]" if self.backend else self.provider
+
+
+@dataclass
+class OpBench:
+    """What `seqkern bench` needs to know about one op."""
+
+    op: str
+    cases: Callable[[bool, torch.device], list[Case]]
+    make_inputs: Callable[[Case, torch.dtype, torch.device], tuple[list[Tensor], Tensor]]
+    oracle: Callable[..., Tensor]  # the reference, run on float64 copies of the inputs
+    public: Callable[..., Tensor]  # the seqkern public function
+    baselines: Callable[[torch.device, bool], list[Provider]]
+    bytes: Callable[[Case, torch.dtype, str], int]
+    flops: Callable[[Case, str], int]
+    notes: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------
+# AdaLN (VALL-E NAR decoder)
+
+
+def _adaln_cases(quick: bool, device: torch.device) -> list[Case]:
+    if quick:
+        return [
+            Case("B2-T50-D256", dict(B=2, T=50, D=256, per_token=False)),
+            Case("B2-T20-D96-tok", dict(B=2, T=20, D=96, per_token=True)),
+        ]
+    return [
+        # VALL-E NAR: n_state 1024, ~1000 codec frames, a batch of utterances.
+        Case("B8-T1000-D1024", dict(B=8, T=1000, D=1024, per_token=False)),
+        Case("B32-T250-D512", dict(B=32, T=250, D=512, per_token=False)),
+        Case("B4-T1500-D1024-tok", dict(B=4, T=1500, D=1024, per_token=True)),
+        Case("B4-T2000-D2048", dict(B=4, T=2000, D=2048, per_token=False)),
+    ]
+
+
+def _adaln_inputs(case: Case, dtype: torch.dtype, device: torch.device):
+    from seqkern.testing import make_adaln_inputs
+
+    p = case.params
+    x, g, b, dy = make_adaln_inputs(
+        p["B"], p["T"], p["D"], dtype=dtype, device=device, per_token=p["per_token"]
+    )
+    return [x, g, b], dy
+
+
+def _adaln_upstream(x: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
+    # espnet2/speechlm/module/transformer.py AdaLN, with the level projections already applied.
+    return seqkern.adaln_ref(x, gamma, beta)
+
+
+def _compile_provider(fn: Callable) -> Provider:
+    _raise_recompile_limit()
+    return Provider("compile", torch.compile(fn, dynamic=False))
+
+
+def _adaln_baselines(device: torch.device, quick: bool) -> list[Provider]:
+    out = [Provider("upstream", _adaln_upstream)]
+    if not (quick and device.type == "cpu"):
+        out.append(_compile_provider(seqkern.adaln_ref))
+    return out
+
+
+def _adaln_bytes(case: Case, dtype: torch.dtype, direction: str) -> int:
+    p = case.params
+    n, d = p["B"] * p["T"], p["D"]
+    es = torch.finfo(dtype).bits // 8
+    mod = (n if p["per_token"] else p["B"]) * d  # elements of gamma (and of beta)
+    if direction == "fwd":  # x, gamma, beta in; y out; fp32 mean, rstd out
+        return es * (2 * n * d + 2 * mod) + 8 * n
+    # dy, x, gamma, mean, rstd in; dx, dgamma, dbeta out
+    return es * (3 * n * d + 3 * mod) + 8 * n
+
+
+def _adaln_flops(case: Case, direction: str) -> int:
+    n = case.params["B"] * case.params["T"] * case.params["D"]
+    return (7 if direction == "fwd" else 11) * n
+
+
+SPECS: dict[str, OpBench] = {
+    "adaln": OpBench(
+        op="adaln",
+        cases=_adaln_cases,
+        make_inputs=_adaln_inputs,
+        oracle=seqkern.adaln_ref,
+        public=seqkern.adaln,
+        baselines=_adaln_baselines,
+        bytes=_adaln_bytes,
+        flops=_adaln_flops,
+    ),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Harness
+
+
+def _raise_recompile_limit() -> None:
+    # One compiled function sees every case x dtype: let it specialise on each.
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), 64))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, quick: bool) -> float:
+    """Median milliseconds of fn() (already warmed up)."""
+    if device.type == "cuda":
+        try:
+            from triton.testing import do_bench
+
+            return float(do_bench(fn, warmup=25 if quick else 100, rep=50 if quick else 300,
+                                  return_mode="median"))
+        except ImportError:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            times = []
+            for _ in range(20 if quick else 100):
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize(device)
+                times.append(start.elapsed_time(end))
+            return sorted(times)[len(times) // 2]
+    budget = 0.05 if quick else 0.5
+    times: list[float] = []
+    t_end = time.perf_counter() + budget
+    while len(times) < 5 or (time.perf_counter() < t_end and len(times) < 1000):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def _peak_mem_mb(fn: Callable[[], object], device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    _sync(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def _seqkern_providers(spec: OpBench, device: torch.device) -> list[Provider]:
+    out = []
+    for name in backends.BACKENDS:
+        if name == "reference" or name not in backends.kernels(spec.op):
+            continue  # the reference is the "upstream" baseline's arithmetic
+        if backends.unavailable_reason(name) is not None:
+            continue
+        if name == "triton" and device.type != "cuda":
+            continue  # the interpreter is a testing device, not a performance one
+        if (name == "cuda") != (device.type == "cuda"):
+            continue
+        out.append(Provider("seqkern", spec.public, backend=name))
+    return out
+
+
+class _Progress:
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.done, self.bar = total, 0, None
+        if enabled:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, desc="seqkern bench", unit="run", file=sys.stderr)
+            except ImportError:
+                pass
+        self.enabled = enabled
+
+    def step(self, what: str) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.set_postfix_str(what[:60])
+            self.bar.update(1)
+        elif self.enabled:
+            print(f"\r[{self.done}/{self.total}] {what[:70]:<70}", end="", file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.enabled:
+            print(file=sys.stderr)
+
+
+def _run_provider(prov: Provider, spec: OpBench, case: Case, dtype: torch.dtype,
+                  device: torch.device, quick: bool, inputs: list[Tensor], dy: Tensor,
+                  oracle_y: Tensor, oracle_grads: tuple[Tensor, ...], ref_error: dict) -> list[dict]:
+    rows = []
+    ctx = backends.use_backend(prov.backend) if prov.backend else _nullcontext()
+    with ctx:
+        for direction in DIRECTIONS:
+            row = dict(op=spec.op, case=case.name, dtype=str(dtype).replace("torch.", ""),
+                       direction=direction, provider=prov.provider, backend=prov.backend,
+                       ms=None, tflops=None, gbps=None, peak_mem_mb=None, max_err=None)
+            try:
+                if direction == "fwd":
+                    def fn():
+                        with torch.no_grad():
+                            return prov.fn(*inputs)
+
+                    out = fn()
+                    row["max_err"] = max_abs_error(out, oracle_y)
+                else:
+                    y = prov.fn(*inputs)
+
+                    def fn(y=y):
+                        return torch.autograd.grad(y, inputs, dy, retain_graph=True)
+
+                    grads = fn()
+                    row["max_err"] = max(max_abs_error(g, o) for g, o in zip(grads, oracle_grads))
+                _sync(device)
+                row["ms"] = time_ms(fn, device, quick)
+                row["peak_mem_mb"] = _peak_mem_mb(fn, device)
+                row["gbps"] = spec.bytes(case, dtype, direction) / (row["ms"] * 1e-3) / 1e9
+                row["tflops"] = spec.flops(case, direction) / (row["ms"] * 1e-3) / 1e12
+                row["ref_err_same_dtype"] = ref_error[direction]
+            except Exception as err:  # noqa: BLE001 - report, keep benchmarking the rest
+                row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+            rows.append(row)
+    return rows
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _add_ratios(rows: list[dict]) -> None:
+    """ratio_vs[b] = ms(b) / ms(seqkern row), for each baseline b timed in the same run."""
+    key = lambda r: (r["op"], r["case"], r["dtype"], r["direction"])  # noqa: E731
+    base = {}
+    for r in rows:
+        if r["provider"] in BASELINES and r["ms"]:
+            base.setdefault(key(r), {})[r["provider"]] = r["ms"]
+    for r in rows:
+        if r["provider"] == "seqkern" and r["ms"]:
+            r["ratio_vs"] = {b: ms / r["ms"] for b, ms in base.get(key(r), {}).items()}
+
+
+def run(ops: list[str], device: torch.device, quick: bool, dtypes: list[torch.dtype],
+        progress: bool = True) -> list[dict]:
+    plan = []
+    for op in ops:
+        spec = SPECS[op]
+        provs = _seqkern_providers(spec, device) + spec.baselines(device, quick)
+        for case in spec.cases(quick, device):
+            for dtype in dtypes:
+                plan.append((spec, case, dtype, provs))
+    bar = _Progress(sum(len(p[3]) for p in plan), progress)
+    rows: list[dict] = []
+    for spec, case, dtype, provs in plan:
+        inputs, dy = spec.make_inputs(case, dtype, device)
+        inputs64 = [t.detach().double().requires_grad_() for t in inputs]
+        oracle_y = spec.oracle(*inputs64)
+        oracle_grads = torch.autograd.grad(oracle_y, inputs64, dy.double())
+        # The reference's own error in this dtype: the yardstick the tests use.
+        y_dt = spec.oracle(*inputs)
+        ref_error = {
+            "fwd": max_abs_error(y_dt, oracle_y),
+            "bwd": max(max_abs_error(g, o) for g, o in
+                       zip(torch.autograd.grad(y_dt, inputs, dy), oracle_grads)),
+        }
+        del y_dt
+        for prov in provs:
+            rows += _run_provider(prov, spec, case, dtype, device, quick, inputs, dy, oracle_y,
+                                  oracle_grads, ref_error)
+            bar.step(f"{spec.op} {case.name} {str(dtype)[6:]} {prov.label}")
+        del inputs, inputs64, oracle_y, oracle_grads
+    bar.close()
+    _add_ratios(rows)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU {name}"
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def _commit() -> str | None:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                             text=True, timeout=10)
+        if sha.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def table(rows: list[dict]) -> str:
+    head = ["op", "case", "dtype", "dir", "provider", "ms", "GB/s", "TFLOP/s", "peak MB",
+            "max err", "ref err", "vs upstream", "vs compile"]
+    body = []
+    for r in rows:
+        label = f"seqkern[{r['backend']}]" if r.get("backend") else r["provider"]
+        ratios = r.get("ratio_vs", {})
+        body.append([
+            r["op"], r["case"], r["dtype"], r["direction"], label,
+            _fmt(r["ms"], ".4f"), _fmt(r["gbps"], ".1f"), _fmt(r["tflops"], ".3f"),
+            _fmt(r["peak_mem_mb"], ".1f"), _fmt(r["max_err"], ".1e"),
+            _fmt(r.get("ref_err_same_dtype"), ".1e"),
+            _fmt(ratios.get("upstream"), ".2f") + ("x" if "upstream" in ratios else ""),
+            _fmt(ratios.get("compile"), ".2f") + ("x" if "compile" in ratios else ""),
+        ])
+        if r.get("error"):
+            body[-1][5] = "ERROR"
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(b, widths)).rstrip() for b in body]
+    errors = [r for r in rows if r.get("error")]
+    if errors:
+        lines.append("")
+        lines += [f"ERROR {r['op']} {r['case']} {r['dtype']} {r['direction']} {r['provider']}: "
+                  f"{r['error']}" for r in errors]
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], op: str, path: Path, title: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("seqkern bench: matplotlib is not installed; no plot written", file=sys.stderr)
+        return False
+    op_rows = [r for r in rows if r["op"] == op and r["gbps"]]
+    if not op_rows:
+        return False
+    fig, axes = plt.subplots(1, len(DIRECTIONS), figsize=(6 * len(DIRECTIONS), 4.5), squeeze=False)
+    labels = sorted({f"seqkern[{r['backend']}]" if r.get("backend") else r["provider"]
+                     for r in op_rows}, key=lambda s: (not s.startswith("seqkern"), s))
+    for ax, direction in zip(axes[0], DIRECTIONS):
+        drows = [r for r in op_rows if r["direction"] == direction]
+        groups = sorted({(r["case"], r["dtype"]) for r in drows})
+        width = 0.8 / max(1, len(labels))
+        for i, label in enumerate(labels):
+            vals = []
+            for case, dtype in groups:
+                match = [r["gbps"] for r in drows if (r["case"], r["dtype"]) == (case, dtype)
+                         and (f"seqkern[{r['backend']}]" if r.get("backend") else r["provider"]) == label]
+                vals.append(match[0] if match else 0.0)
+            ax.bar([g + i * width for g in range(len(groups))], vals, width, label=label)
+        ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))])
+        ax.set_xticklabels([f"{c}\n{d}" for c, d in groups], fontsize=7)
+        ax.set_ylabel("effective GB/s (higher is better)")
+        ax.set_title(f"{op} {direction}")
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _versions() -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:  # noqa: BLE001
+        triton_version = None
+    return {"torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda,
+            "seqkern": seqkern.__version__}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="seqkern bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny shapes, seconds (the default on a machine without a GPU)")
+    parser.add_argument("--full", action="store_true", help="speech-sized shapes even on CPU")
+    parser.add_argument("--ops", nargs="*", default=None,
+                        help=f"ops to run (default: all of {', '.join(SPECS)})")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: the best present)")
+    parser.add_argument("--dtypes", nargs="*", default=None,
+                        help="default: bfloat16 float32 on GPU, float32 on CPU")
+    parser.add_argument("--out", default="benchmarks/results", help="results folder")
+    parser.add_argument("--run-name", default=None, help="file stem (default: quick or full)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    quick = args.quick or (device.type == "cpu" and not args.full)
+    ops = args.ops or list(SPECS)
+    unknown = [o for o in ops if o not in SPECS]
+    if unknown:
+        parser.error(f"unknown op(s) {unknown}; known: {list(SPECS)}")
+    if args.dtypes:
+        dtypes = [getattr(torch, d) for d in args.dtypes]
+    else:
+        dtypes = [torch.bfloat16, torch.float32] if device.type == "cuda" else [torch.float32]
+    run_name = args.run_name or ("quick" if quick else "full")
+
+    dev_name = device_name(device)
+    print(f"seqkern bench: {dev_name}, {'quick' if quick else 'full'} shapes, ops: {', '.join(ops)}",
+          file=sys.stderr)
+    if quick and device.type == "cpu":
+        print("seqkern bench: torch.compile baseline skipped in --quick on CPU (inductor's C++ "
+              "build takes longer than the run); use --full", file=sys.stderr)
+    rows = run(ops, device, quick, dtypes, progress=not args.no_progress)
+
+    result = {
+        "device": dev_name,
+        **_versions(),
+        "commit": _commit(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "quick": quick,
+        "rows": rows,
+    }
+    out_dir = Path(args.out) / slug(dev_name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / f"{run_name}.json"
+    json_path.write_text(json.dumps(result, indent=1) + "\n")
+    print(table(rows))
+    print(f"\nwrote {json_path}")
+    for op in ops:
+        png = out_dir / f"{run_name}-{op}.png"
+        title = f"{op} on {dev_name} | torch {torch.__version__} | seqkern {result['commit']}"
+        if plot(rows, op, png, title):
+            print(f"wrote {png}")
+    return 1 if any(r.get("error") for r in rows) else 0
