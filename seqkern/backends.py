@@ -119,8 +119,9 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.cache
 def unavailable_reason(backend: str) -> str | None:
-    """Why `backend` cannot run anything in this process (None when it can)."""
+    """Why `backend` cannot run anything in this process (None when it can); fixed per process."""
     if backend == "reference":
         return None
     if backend == "cpu":
@@ -146,31 +147,33 @@ def _device_of(args: tuple) -> torch.device | None:
     return None
 
 
+def _why_not(op: str, name: str, args: tuple, explicit: bool) -> str | None:
+    kernel = _REGISTRY.get(op, {}).get(name)
+    if kernel is None:
+        return f"no {name} kernel for {op}"
+    why = unavailable_reason(name) or kernel.supports(*args)
+    if why is None and name == "triton" and not explicit:
+        dev = _device_of(args)
+        if dev is not None and dev.type == "cpu":
+            why = "auto mode keeps CPU tensors off the Triton interpreter; use_backend('triton')"
+    return why
+
+
 def reasons(op: str, *args, explicit: bool = True) -> dict[str, str | None]:
     """For each backend, None if it would run `op` on `args`, else why not."""
-    out: dict[str, str | None] = {}
-    for name in BACKENDS:
-        kernel = _REGISTRY.get(op, {}).get(name)
-        if kernel is None:
-            out[name] = f"no {name} kernel for {op}"
-            continue
-        why = unavailable_reason(name) or kernel.supports(*args)
-        if why is None and name == "triton" and not explicit:
-            dev = _device_of(args)
-            if dev is not None and dev.type == "cpu":
-                why = "auto mode keeps CPU tensors off the Triton interpreter; use_backend('triton')"
-        out[name] = why
-    return out
+    return {name: _why_not(op, name, args, explicit) for name in BACKENDS}
 
 
 def select(op: str, *args) -> Kernel:
     """The kernel that runs `op` on `args` under the current backend setting."""
     order = allowed_backends()
     explicit = order is not None
-    why = reasons(op, *args, explicit=explicit)
     for name in order or BACKENDS:
-        if why[name] is None:
+        if _why_not(op, name, args, explicit) is None:
             return _REGISTRY[op][name]
+    why = reasons(op, *args, explicit=explicit)
     detail = "; ".join(f"{n}: {why[n]}" for n in order or BACKENDS)
     allowed = ", ".join(order) if explicit else "auto"
-    raise BackendError(f"seqkern.{op}: no allowed backend can run these inputs (allowed: {allowed}). {detail}")
+    raise BackendError(
+        f"seqkern.{op}: no allowed backend can run these inputs (allowed: {allowed}). {detail}"
+    )

@@ -3,16 +3,18 @@
 Layers, top to bottom:
     adaln()                  public function: checks the inputs, names what is wrong
     AdalnFunction            the autograd.Function
-    seqkern::adaln           custom op (forward -> y, mean, rstd) with a fake
-    seqkern::adaln_bwd       custom op (backward -> dx, dgamma, dbeta) with a fake
+    seqkern::adaln           torch.library op (forward -> y, mean, rstd) with a fake
+    seqkern::adaln_bwd       torch.library op (backward -> dx, dgamma, dbeta) with a fake
     backends.select("adaln") picks cuda / triton / cpu / reference for the inputs
 """
 
-# No `from __future__ import annotations`: torch.library reads these annotations at runtime.
+from __future__ import annotations
+
 import torch
 from torch import Tensor
 
 from seqkern import _ext, backends
+from seqkern.ops._library import define_op
 from seqkern.reference.adaln import adaln_bwd_ref, adaln_fwd_ref
 
 OP = "adaln"
@@ -22,29 +24,36 @@ def _stats_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-@torch.library.custom_op("seqkern::adaln", mutates_args=())
-def _adaln_op(x: Tensor, gamma: Tensor, beta: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    kernel = backends.select(OP, x, gamma)
-    return tuple(kernel.fwd(x, gamma, beta, eps))
+def _adaln_impl(x, gamma, beta, eps):
+    return tuple(backends.select(OP, x, gamma).fwd(x, gamma, beta, eps))
 
 
-@_adaln_op.register_fake
-def _(x, gamma, beta, eps):
+def _adaln_fake(x, gamma, beta, eps):
     stats = x.new_empty(x.shape[:2], dtype=_stats_dtype(x))
     return torch.empty_like(x), stats, torch.empty_like(stats)
 
 
-@torch.library.custom_op("seqkern::adaln_bwd", mutates_args=())
-def _adaln_bwd_op(
-    dy: Tensor, x: Tensor, gamma: Tensor, mean: Tensor, rstd: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    kernel = backends.select(OP, x, gamma)
-    return tuple(kernel.bwd(dy, x, gamma, mean, rstd))
+def _adaln_bwd_impl(dy, x, gamma, mean, rstd):
+    return tuple(backends.select(OP, x, gamma).bwd(dy, x, gamma, mean, rstd))
 
 
-@_adaln_bwd_op.register_fake
-def _(dy, x, gamma, mean, rstd):
+def _adaln_bwd_fake(dy, x, gamma, mean, rstd):
     return torch.empty_like(x), torch.empty_like(gamma), torch.empty_like(gamma)
+
+
+define_op(
+    "adaln",
+    "(Tensor x, Tensor gamma, Tensor beta, float eps) -> (Tensor y, Tensor mean, Tensor rstd)",
+    _adaln_impl,
+    _adaln_fake,
+)
+define_op(
+    "adaln_bwd",
+    "(Tensor dy, Tensor x, Tensor gamma, Tensor mean, Tensor rstd)"
+    " -> (Tensor dx, Tensor dgamma, Tensor dbeta)",
+    _adaln_bwd_impl,
+    _adaln_bwd_fake,
+)
 
 
 class AdalnFunction(torch.autograd.Function):
