@@ -76,10 +76,10 @@ def _extensions_and_cmdclass():
             f'-DSEQKERN_CUDA_ARCHS="{archs if cuda else ""}"',
         ] + (["-DSEQKERN_WITH_CUDA"] if cuda else [])
 
-    cxx = ["-O3", "-std=c++17"]
+    cxx = ["-O3"]  # the C++ standard is whatever this torch's headers need (cpp_extension sets it)
     if sys.platform.startswith("linux"):
         cxx.append("-fopenmp")  # at::parallel_for is OpenMP-backed in the PyPI torch builds
-    nvcc = ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"]
+    nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
 
     def cpu_ext():
         return CppExtension(

@@ -7,7 +7,7 @@
 #include "sk_checks.h"
 
 #ifdef SEQKERN_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #endif
 
@@ -110,7 +110,7 @@ std::vector<at::Tensor> fwd_cuda(const at::Tensor& x_in, const at::Tensor& gamma
   FwdParams p{x.const_data_ptr(), gamma.const_data_ptr(), beta.const_data_ptr(),
               y.mutable_data_ptr(), mean.mutable_data_ptr<float>(), rstd.mutable_data_ptr<float>(),
               x.size(0), x.size(1), x.size(2), gamma.dim() == 3, static_cast<float>(eps)};
-  check_status(cuda_fwd(tag, p, at::cuda::getCurrentCUDAStream().stream()), "adaln_fwd_cuda",
+  check_status(cuda_fwd(tag, p, c10::cuda::getCurrentCUDAStream().stream()), "adaln_fwd_cuda",
                x.size(2));
   return {y, mean, rstd};
 }
@@ -135,7 +135,7 @@ std::vector<at::Tensor> bwd_cuda(const at::Tensor& dy_in, const at::Tensor& x_in
               dgamma.mutable_data_ptr(), dbeta.mutable_data_ptr(),
               per_token ? nullptr : workspace.mutable_data_ptr<float>(), B, T, D, splits,
               per_token};
-  check_status(cuda_bwd(tag, p, at::cuda::getCurrentCUDAStream().stream()), "adaln_bwd_cuda", D);
+  check_status(cuda_bwd(tag, p, c10::cuda::getCurrentCUDAStream().stream()), "adaln_bwd_cuda", D);
   return {dx, dgamma, dbeta};
 }
 #endif

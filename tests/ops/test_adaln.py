@@ -19,6 +19,7 @@ CPU_SHAPES = [
     (4, 5, 1, False),
     (1, 70, 300, False),
     (2, 9, 1030, True),
+    (1, 4000, 8, False),  # a long sequence: the per-batch dgamma sums 4000 rows
 ]
 # The cuda tier: real speech sizes (VALL-E NAR: D = 1024, ~1000 codec frames), plus odd ones.
 CUDA_SHAPES = [
