@@ -62,7 +62,9 @@ def _extensions_and_cmdclass():
     force = _flag("SEQKERN_FORCE_CUDA_BUILD")
     with_cuda, why_not = _cuda_plan(torch)
     if force and not with_cuda:
-        raise RuntimeError(f"SEQKERN_FORCE_CUDA_BUILD=1 but the CUDA ops cannot be built: {why_not}")
+        raise RuntimeError(
+            f"SEQKERN_FORCE_CUDA_BUILD=1 but the CUDA ops cannot be built: {why_not}"
+        )
     archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
 
     cpp_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cpp"))
@@ -114,8 +116,15 @@ def _extensions_and_cmdclass():
                 print(f"seqkern: WARNING: {reason}; building the CPU ops only", file=sys.stderr)
                 _write_build_info(torch, False, reason, archs)
                 fallback = cpu_ext()
-                for attr in ("sources", "extra_compile_args", "extra_link_args", "libraries",
-                             "library_dirs", "include_dirs", "define_macros"):
+                for attr in (
+                    "sources",
+                    "extra_compile_args",
+                    "extra_link_args",
+                    "libraries",
+                    "library_dirs",
+                    "include_dirs",
+                    "define_macros",
+                ):
                     setattr(ext, attr, getattr(fallback, attr))
                 ext._seqkern_cuda = False
                 return super().build_extension(ext)

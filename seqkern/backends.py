@@ -3,7 +3,7 @@
 Backends, in the order auto mode tries them:
 
     cuda       seqkern._C CUDA kernels (CUDA tensors)
-    triton     Triton kernels (CUDA tensors; CPU tensors only in the interpreter, TRITON_INTERPRET=1)
+    triton     Triton kernels (CUDA tensors; CPU tensors only under TRITON_INTERPRET=1)
     cpu        seqkern._C C++ kernels (CPU tensors)
     reference  plain PyTorch: the oracle every other backend is tested against
 

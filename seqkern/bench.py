@@ -170,8 +170,11 @@ def time_ms(fn: Callable[[], object], device: torch.device, quick: bool) -> floa
         try:
             from triton.testing import do_bench
 
-            return float(do_bench(fn, warmup=25 if quick else 100, rep=50 if quick else 300,
-                                  return_mode="median"))
+            return float(
+                do_bench(
+                    fn, warmup=25 if quick else 100, rep=50 if quick else 300, return_mode="median"
+                )
+            )
         except ImportError:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             times = []
@@ -245,18 +248,39 @@ class _Progress:
             print(file=sys.stderr)
 
 
-def _run_provider(prov: Provider, spec: OpBench, case: Case, dtype: torch.dtype,
-                  device: torch.device, quick: bool, inputs: list[Tensor], dy: Tensor,
-                  oracle_y: Tensor, oracle_grads: tuple[Tensor, ...], ref_error: dict) -> list[dict]:
+def _run_provider(
+    prov: Provider,
+    spec: OpBench,
+    case: Case,
+    dtype: torch.dtype,
+    device: torch.device,
+    quick: bool,
+    inputs: list[Tensor],
+    dy: Tensor,
+    oracle_y: Tensor,
+    oracle_grads: tuple[Tensor, ...],
+    ref_error: dict,
+) -> list[dict]:
     rows = []
     ctx = backends.use_backend(prov.backend) if prov.backend else _nullcontext()
     with ctx:
         for direction in DIRECTIONS:
-            row = dict(op=spec.op, case=case.name, dtype=str(dtype).replace("torch.", ""),
-                       direction=direction, provider=prov.provider, backend=prov.backend,
-                       ms=None, tflops=None, gbps=None, peak_mem_mb=None, max_err=None)
+            row = dict(
+                op=spec.op,
+                case=case.name,
+                dtype=str(dtype).replace("torch.", ""),
+                direction=direction,
+                provider=prov.provider,
+                backend=prov.backend,
+                ms=None,
+                tflops=None,
+                gbps=None,
+                peak_mem_mb=None,
+                max_err=None,
+            )
             try:
                 if direction == "fwd":
+
                     def fn():
                         with torch.no_grad():
                             return prov.fn(*inputs)
@@ -303,8 +327,13 @@ def _add_ratios(rows: list[dict]) -> None:
             r["ratio_vs"] = {b: ms / r["ms"] for b, ms in base.get(key(r), {}).items()}
 
 
-def run(ops: list[str], device: torch.device, quick: bool, dtypes: list[torch.dtype],
-        progress: bool = True) -> list[dict]:
+def run(
+    ops: list[str],
+    device: torch.device,
+    quick: bool,
+    dtypes: list[torch.dtype],
+    progress: bool = True,
+) -> list[dict]:
     plan = []
     for op in ops:
         spec = SPECS[op]
@@ -323,13 +352,26 @@ def run(ops: list[str], device: torch.device, quick: bool, dtypes: list[torch.dt
         y_dt = spec.oracle(*inputs)
         ref_error = {
             "fwd": max_abs_error(y_dt, oracle_y),
-            "bwd": max(max_abs_error(g, o) for g, o in
-                       zip(torch.autograd.grad(y_dt, inputs, dy), oracle_grads)),
+            "bwd": max(
+                max_abs_error(g, o)
+                for g, o in zip(torch.autograd.grad(y_dt, inputs, dy), oracle_grads)
+            ),
         }
         del y_dt
         for prov in provs:
-            rows += _run_provider(prov, spec, case, dtype, device, quick, inputs, dy, oracle_y,
-                                  oracle_grads, ref_error)
+            rows += _run_provider(
+                prov,
+                spec,
+                case,
+                dtype,
+                device,
+                quick,
+                inputs,
+                dy,
+                oracle_y,
+                oracle_grads,
+                ref_error,
+            )
             bar.step(f"{spec.op} {case.name} {str(dtype)[6:]} {prov.label}")
         del inputs, inputs64, oracle_y, oracle_grads
     bar.close()
@@ -362,12 +404,18 @@ def slug(text: str) -> str:
 def _commit() -> str | None:
     root = Path(__file__).resolve().parents[1]
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                             text=True, timeout=10)
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        )
         if sha.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return sha.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
@@ -378,31 +426,58 @@ def _fmt(v, spec: str) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = ["op", "case", "dtype", "dir", "provider", "ms", "GB/s", "TFLOP/s", "peak MB",
-            "max err", "ref err", "vs upstream", "vs compile"]
+    head = [
+        "op",
+        "case",
+        "dtype",
+        "dir",
+        "provider",
+        "ms",
+        "GB/s",
+        "TFLOP/s",
+        "peak MB",
+        "max err",
+        "ref err",
+        "vs upstream",
+        "vs compile",
+    ]
     body = []
     for r in rows:
         label = f"seqkern[{r['backend']}]" if r.get("backend") else r["provider"]
         ratios = r.get("ratio_vs", {})
-        body.append([
-            r["op"], r["case"], r["dtype"], r["direction"], label,
-            _fmt(r["ms"], ".4f"), _fmt(r["gbps"], ".1f"), _fmt(r["tflops"], ".3f"),
-            _fmt(r["peak_mem_mb"], ".1f"), _fmt(r["max_err"], ".1e"),
-            _fmt(r.get("ref_err_same_dtype"), ".1e"),
-            _fmt(ratios.get("upstream"), ".2f") + ("x" if "upstream" in ratios else ""),
-            _fmt(ratios.get("compile"), ".2f") + ("x" if "compile" in ratios else ""),
-        ])
+        body.append(
+            [
+                r["op"],
+                r["case"],
+                r["dtype"],
+                r["direction"],
+                label,
+                _fmt(r["ms"], ".4f"),
+                _fmt(r["gbps"], ".1f"),
+                _fmt(r["tflops"], ".3f"),
+                _fmt(r["peak_mem_mb"], ".1f"),
+                _fmt(r["max_err"], ".1e"),
+                _fmt(r.get("ref_err_same_dtype"), ".1e"),
+                _fmt(ratios.get("upstream"), ".2f") + ("x" if "upstream" in ratios else ""),
+                _fmt(ratios.get("compile"), ".2f") + ("x" if "compile" in ratios else ""),
+            ]
+        )
         if r.get("error"):
             body[-1][5] = "ERROR"
-    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
+    widths = [
+        max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)
+    ]
     lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip()]
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(c.ljust(w) for c, w in zip(b, widths)).rstrip() for b in body]
     errors = [r for r in rows if r.get("error")]
     if errors:
         lines.append("")
-        lines += [f"ERROR {r['op']} {r['case']} {r['dtype']} {r['direction']} {r['provider']}: "
-                  f"{r['error']}" for r in errors]
+        lines += [
+            f"ERROR {r['op']} {r['case']} {r['dtype']} {r['direction']} {r['provider']}: "
+            f"{r['error']}"
+            for r in errors
+        ]
     return "\n".join(lines)
 
 
@@ -419,17 +494,23 @@ def plot(rows: list[dict], op: str, path: Path, title: str) -> bool:
     if not op_rows:
         return False
     fig, axes = plt.subplots(1, len(DIRECTIONS), figsize=(6 * len(DIRECTIONS), 4.5), squeeze=False)
-    labels = sorted({f"seqkern[{r['backend']}]" if r.get("backend") else r["provider"]
-                     for r in op_rows}, key=lambda s: (not s.startswith("seqkern"), s))
-    for ax, direction in zip(axes[0], DIRECTIONS):
+    labels = sorted(
+        {f"seqkern[{r['backend']}]" if r.get("backend") else r["provider"] for r in op_rows},
+        key=lambda s: (not s.startswith("seqkern"), s),
+    )
+    for ax, direction in zip(axes[0], DIRECTIONS, strict=True):
         drows = [r for r in op_rows if r["direction"] == direction]
         groups = sorted({(r["case"], r["dtype"]) for r in drows})
         width = 0.8 / max(1, len(labels))
         for i, label in enumerate(labels):
             vals = []
             for case, dtype in groups:
-                match = [r["gbps"] for r in drows if (r["case"], r["dtype"]) == (case, dtype)
-                         and (f"seqkern[{r['backend']}]" if r.get("backend") else r["provider"]) == label]
+                match = [
+                    r["gbps"]
+                    for r in drows
+                    if (r["case"], r["dtype"]) == (case, dtype)
+                    and (f"seqkern[{r['backend']}]" if r.get("backend") else r["provider"]) == label
+                ]
                 vals.append(match[0] if match else 0.0)
             ax.bar([g + i * width for g in range(len(groups))], vals, width, label=label)
         ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))])
@@ -452,20 +533,29 @@ def _versions() -> dict:
         triton_version = triton.__version__
     except Exception:  # noqa: BLE001
         triton_version = None
-    return {"torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda,
-            "seqkern": seqkern.__version__}
+    return {
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "seqkern": seqkern.__version__,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="seqkern bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny shapes, seconds (the default on a machine without a GPU)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny shapes, seconds (the default on a machine without a GPU)",
+    )
     parser.add_argument("--full", action="store_true", help="speech-sized shapes even on CPU")
-    parser.add_argument("--ops", nargs="*", default=None,
-                        help=f"ops to run (default: all of {', '.join(SPECS)})")
+    parser.add_argument(
+        "--ops", nargs="*", default=None, help=f"ops to run (default: all of {', '.join(SPECS)})"
+    )
     parser.add_argument("--device", default=None, help="cuda or cpu (default: the best present)")
-    parser.add_argument("--dtypes", nargs="*", default=None,
-                        help="default: bfloat16 float32 on GPU, float32 on CPU")
+    parser.add_argument(
+        "--dtypes", nargs="*", default=None, help="default: bfloat16 float32 on GPU, float32 on CPU"
+    )
     parser.add_argument("--out", default="benchmarks/results", help="results folder")
     parser.add_argument("--run-name", default=None, help="file stem (default: quick or full)")
     parser.add_argument("--no-progress", action="store_true")
@@ -484,11 +574,16 @@ def main(argv: list[str] | None = None) -> int:
     run_name = args.run_name or ("quick" if quick else "full")
 
     dev_name = device_name(device)
-    print(f"seqkern bench: {dev_name}, {'quick' if quick else 'full'} shapes, ops: {', '.join(ops)}",
-          file=sys.stderr)
+    print(
+        f"seqkern bench: {dev_name}, {'quick' if quick else 'full'} shapes, ops: {', '.join(ops)}",
+        file=sys.stderr,
+    )
     if quick and device.type == "cpu":
-        print("seqkern bench: torch.compile baseline skipped in --quick on CPU (inductor's C++ "
-              "build takes longer than the run); use --full", file=sys.stderr)
+        print(
+            "seqkern bench: torch.compile baseline skipped in --quick on CPU (inductor's C++ "
+            "build takes longer than the run); use --full",
+            file=sys.stderr,
+        )
     rows = run(ops, device, quick, dtypes, progress=not args.no_progress)
 
     result = {

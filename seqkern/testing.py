@@ -44,7 +44,9 @@ def _check_nonfinite_pattern(name: str, got: Tensor, want: Tensor) -> None:
             f"{missing} NaN hidden)"
         )
     got_inf, want_inf = torch.isinf(got), torch.isinf(want)
-    if not torch.equal(got_inf, want_inf) or not torch.equal(got[got_inf], want[want_inf].to(got.dtype)):
+    if not torch.equal(got_inf, want_inf) or not torch.equal(
+        got[got_inf], want[want_inf].to(got.dtype)
+    ):
         raise AssertionError(f"{name}: infinities differ from the oracle")
 
 

@@ -21,7 +21,9 @@ if not HAS_CUDA:
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (the cuda tier runs in benchmarks/gpu_check.sh)")
+    skip = pytest.mark.skip(
+        reason="needs a CUDA GPU (the cuda tier runs in benchmarks/gpu_check.sh)"
+    )
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)

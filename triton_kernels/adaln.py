@@ -15,9 +15,17 @@ MAX_DIM = 16384
 
 @triton.jit
 def _adaln_fwd_kernel(
-    X, G, Bt, Y, Mean, Rstd,
-    seqlen, dim, eps,
-    PER_TOKEN: tl.constexpr, BLOCK_D: tl.constexpr,
+    X,
+    G,
+    Bt,
+    Y,
+    Mean,
+    Rstd,
+    seqlen,
+    dim,
+    eps,
+    PER_TOKEN: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # b * seqlen + t
     if PER_TOKEN:
@@ -40,9 +48,20 @@ def _adaln_fwd_kernel(
 
 @triton.jit
 def _adaln_bwd_kernel(
-    DY, X, G, Mean, Rstd, DX, DG, DB, WS,
-    seqlen, dim, rows_per_program,
-    PER_TOKEN: tl.constexpr, BLOCK_D: tl.constexpr,
+    DY,
+    X,
+    G,
+    Mean,
+    Rstd,
+    DX,
+    DG,
+    DB,
+    WS,
+    seqlen,
+    dim,
+    rows_per_program,
+    PER_TOKEN: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     # Program (s, b) walks rows t in [s * rows_per_program, (s + 1) * rows_per_program).
     split = tl.program_id(0)
@@ -97,8 +116,18 @@ def adaln_fwd(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: flo
         return y, mean, rstd
     block_d = triton.next_power_of_2(dim)
     _adaln_fwd_kernel[(batch * seqlen,)](
-        x, gamma, beta, y, mean, rstd, seqlen, dim, eps,
-        PER_TOKEN=gamma.dim() == 3, BLOCK_D=block_d, num_warps=_num_warps(block_d),
+        x,
+        gamma,
+        beta,
+        y,
+        mean,
+        rstd,
+        seqlen,
+        dim,
+        eps,
+        PER_TOKEN=gamma.dim() == 3,
+        BLOCK_D=block_d,
+        num_warps=_num_warps(block_d),
     )
     return y, mean, rstd
 
@@ -133,9 +162,21 @@ def adaln_bwd(dy, x, gamma, mean, rstd):
     if batch * seqlen > 0:
         block_d = triton.next_power_of_2(dim)
         _adaln_bwd_kernel[(splits, batch)](
-            dy, x, gamma, mean, rstd, dx, dgamma, dbeta, ws,
-            seqlen, dim, -(-seqlen // splits),
-            PER_TOKEN=per_token, BLOCK_D=block_d, num_warps=_num_warps(block_d),
+            dy,
+            x,
+            gamma,
+            mean,
+            rstd,
+            dx,
+            dgamma,
+            dbeta,
+            ws,
+            seqlen,
+            dim,
+            -(-seqlen // splits),
+            PER_TOKEN=per_token,
+            BLOCK_D=block_d,
+            num_warps=_num_warps(block_d),
         )
     if not per_token:
         # Two separate reductions: the op's outputs may not be views of one buffer.

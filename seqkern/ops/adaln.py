@@ -177,10 +177,13 @@ def _triton_bwd(dy, x, gamma, mean, rstd):
     return adaln_bwd(dy, x, gamma, mean, rstd)
 
 
-backends.register(backends.Kernel(OP, "reference", adaln_fwd_ref, adaln_bwd_ref, _supports_reference))
+backends.register(
+    backends.Kernel(OP, "reference", adaln_fwd_ref, adaln_bwd_ref, _supports_reference)
+)
 backends.register(
     backends.Kernel(
-        OP, "cpu",
+        OP,
+        "cpu",
         lambda x, g, b, eps: _ext.C.adaln_fwd_cpu(x, g, b, eps),
         lambda dy, x, g, m, r: _ext.C.adaln_bwd_cpu(dy, x, g, m, r),
         _supports_cpu,
@@ -188,7 +191,8 @@ backends.register(
 )
 backends.register(
     backends.Kernel(
-        OP, "cuda",
+        OP,
+        "cuda",
         lambda x, g, b, eps: _ext.C.adaln_fwd_cuda(x, g, b, eps),
         lambda dy, x, g, m, r: _ext.C.adaln_bwd_cuda(dy, x, g, m, r),
         _supports_cuda,

@@ -30,7 +30,9 @@ def _acc_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def adaln_fwd_ref(x: Tensor, gamma: Tensor, beta: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+def adaln_fwd_ref(
+    x: Tensor, gamma: Tensor, beta: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
     """The reference backend's forward stage: (y, mean, rstd), statistics in fp32 (fp64 for fp64).
 
     The same contract as every other backend's forward: mean and rstd are (B, T).

@@ -39,11 +39,22 @@ def test_cuda_glue_compiles(api, tmp_path):
     stub = tmp_path / "c10" / "cuda" / "impl"
     stub.mkdir(parents=True)
     (stub / "cuda_cmake_macros.h").write_text("#define C10_CUDA_BUILD_SHARED_LIBS\n")
-    cmd = ["g++", "-std=c++17", "-fsyntax-only", "-DSEQKERN_WITH_CUDA",
-           "-DTORCH_EXTENSION_NAME=_C", f"-I{tmp_path}"]
+    cmd = [
+        "g++",
+        "-std=c++17",
+        "-fsyntax-only",
+        "-DSEQKERN_WITH_CUDA",
+        "-DTORCH_EXTENSION_NAME=_C",
+        f"-I{tmp_path}",
+    ]
     cmd += [f"-I{p}" for p in torch_incs]
-    cmd += [f"-I{cuda_inc}", f"-I{ROOT / 'csrc' / 'include'}", f"-I{ROOT / 'csrc'}",
-            f"-I{sysconfig.get_paths()['include']}", str(api)]
+    cmd += [
+        f"-I{cuda_inc}",
+        f"-I{ROOT / 'csrc' / 'include'}",
+        f"-I{ROOT / 'csrc'}",
+        f"-I{sysconfig.get_paths()['include']}",
+        str(api),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     errors = [ln for ln in proc.stderr.splitlines() if "error" in ln]
     assert proc.returncode == 0, "\n".join(errors[:30]) or proc.stderr[-3000:]

@@ -37,15 +37,25 @@ def test_cu_compiles_with_nvcc_alone(cu, arch, tmp_path):
         pytest.skip("nvcc not found")
     compute = arch.replace("sm_", "compute_")
     cmd = [
-        nvcc, "-std=c++17", "-O3", "-lineinfo", "--expt-relaxed-constexpr",
-        f"-I{ROOT / 'csrc' / 'include'}", f"-I{ROOT / 'csrc'}",
+        nvcc,
+        "-std=c++17",
+        "-O3",
+        "-lineinfo",
+        "--expt-relaxed-constexpr",
+        f"-I{ROOT / 'csrc' / 'include'}",
+        f"-I{ROOT / 'csrc'}",
         f"-gencode=arch={compute},code={arch}",
         # torch's CUDAExtension builds with these; the kernels must not rely on the implicit
         # half/bfloat16 operators and conversions they switch off.
-        "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
-        "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
+        "-D__CUDA_NO_HALF_OPERATORS__",
+        "-D__CUDA_NO_HALF_CONVERSIONS__",
+        "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+        "-D__CUDA_NO_HALF2_OPERATORS__",
         "-Werror=all-warnings",
-        "-c", str(cu), "-o", str(tmp_path / "out.o"),
+        "-c",
+        str(cu),
+        "-o",
+        str(tmp_path / "out.o"),
     ]
     # No torch include path is given: a .cu that includes a torch header fails here.
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)

@@ -21,7 +21,11 @@ def _run(code: str, tmp_path: Path, blocked: set[str] = frozenset()) -> subproce
     # cwd outside the repo: nothing may be importable just because it sits in the work tree.
     return subprocess.run(
         [sys.executable, "-c", prefix + textwrap.dedent(code)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
 
 
@@ -101,8 +105,18 @@ def test_import_without_triton_reports_instead_of_raising(tmp_path):
 
 def test_reference_imports_nothing_accelerated():
     # Data flows module -> op -> backend -> kernel; the oracle stands apart from all of it.
-    allowed_roots = {"torch", "math", "typing", "collections", "dataclasses", "__future__",
-                     "functools", "itertools", "warnings", "numbers"}
+    allowed_roots = {
+        "torch",
+        "math",
+        "typing",
+        "collections",
+        "dataclasses",
+        "__future__",
+        "functools",
+        "itertools",
+        "warnings",
+        "numbers",
+    }
     for path in sorted((ROOT / "seqkern" / "reference").glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             names = []
@@ -131,7 +145,10 @@ def test_reference_runs_with_C_and_triton_blocked(tmp_path):
 
 def test_info_cli(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "seqkern", "info"], cwd=tmp_path, capture_output=True, text=True,
+        [sys.executable, "-m", "seqkern", "info"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
@@ -143,9 +160,21 @@ def test_info_cli(tmp_path):
 @pytest.mark.slow
 def test_bench_quick_writes_results(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "seqkern", "bench", "--quick", "--out", str(tmp_path / "res"),
-         "--run-name", "ci"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "seqkern",
+            "bench",
+            "--quick",
+            "--out",
+            str(tmp_path / "res"),
+            "--run-name",
+            "ci",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     files = list((tmp_path / "res").rglob("ci.json"))
@@ -154,8 +183,18 @@ def test_bench_quick_writes_results(tmp_path):
     for key in ("device", "torch", "triton", "cuda", "seqkern", "commit", "date", "rows"):
         assert key in data
     assert data["rows"], "no rows"
-    row_keys = {"op", "case", "dtype", "direction", "provider", "ms", "tflops", "gbps",
-                "peak_mem_mb", "max_err"}
+    row_keys = {
+        "op",
+        "case",
+        "dtype",
+        "direction",
+        "provider",
+        "ms",
+        "tflops",
+        "gbps",
+        "peak_mem_mb",
+        "max_err",
+    }
     for row in data["rows"]:
         assert row_keys <= set(row), row
         assert row["ms"] is None or row["ms"] > 0

@@ -52,7 +52,14 @@ def _cases():
                 for i, (B, T, D, per_token) in enumerate(shapes):
                     noncontig = i % 2 == 1
                     yield pytest.param(
-                        device, backend, dtype, B, T, D, per_token, noncontig,
+                        device,
+                        backend,
+                        dtype,
+                        B,
+                        T,
+                        D,
+                        per_token,
+                        noncontig,
                         id=f"{device}-{backend}-{str(dtype)[6:]}-B{B}T{T}D{D}"
                         f"{'-tok' if per_token else ''}{'-strided' if noncontig else ''}",
                         marks=marks,
@@ -64,7 +71,13 @@ def test_adaln_matches_oracle(device, backend, dtype, B, T, D, per_token, noncon
     if device == "cpu" and backend == "triton" and B * T * D > 40_000:
         pytest.skip("too large for the Triton interpreter")
     x, gamma, beta, dy = make_adaln_inputs(
-        B, T, D, dtype=dtype, device=device, per_token=per_token, noncontiguous=noncontig,
+        B,
+        T,
+        D,
+        dtype=dtype,
+        device=device,
+        per_token=per_token,
+        noncontiguous=noncontig,
         seed=B * 1000 + T * 10 + D,
     )
     with use_backend(backend):
@@ -78,7 +91,7 @@ def test_adaln_matches_oracle(device, backend, dtype, B, T, D, per_token, noncon
     y_dt = adaln_ref(*inputs_dt)
     ref = (y_dt, *grads_of(y_dt, inputs_dt, dy))
 
-    for name, g, o, r in zip(("y", "dx", "dgamma", "dbeta"), got, oracle, ref):
+    for name, g, o, r in zip(("y", "dx", "dgamma", "dbeta"), got, oracle, ref, strict=True):
         assert g.dtype == dtype and g.shape == o.shape, name
         assert_close_to_oracle(g, o, r, name=f"{backend} {name}")
 
@@ -101,8 +114,8 @@ def test_adaln_gamma_b1d_and_empty(backend):
     with use_backend(backend):
         y = adaln(x, gamma.unsqueeze(1), beta.unsqueeze(1))
         torch.testing.assert_close(y, adaln_ref(x, gamma, beta), atol=1e-5, rtol=1e-5)
-        g1, = torch.autograd.grad(adaln(x, gamma.unsqueeze(1), beta.unsqueeze(1)).sum(), gamma)
-        g2, = torch.autograd.grad(adaln_ref(x, gamma, beta).sum(), gamma)
+        (g1,) = torch.autograd.grad(adaln(x, gamma.unsqueeze(1), beta.unsqueeze(1)).sum(), gamma)
+        (g2,) = torch.autograd.grad(adaln_ref(x, gamma, beta).sum(), gamma)
         torch.testing.assert_close(g1, g2, atol=1e-4, rtol=1e-5)
         empty = torch.randn(2, 0, 8, requires_grad=True)
         g, b = torch.randn(2, 8, requires_grad=True), torch.randn(2, 8, requires_grad=True)
@@ -119,8 +132,20 @@ def test_adaln_gamma_b1d_and_empty(backend):
         ((2, 3, 4), (2, 5), (2, 5), None, "gamma must be"),
         ((2, 3, 4), (2, 4), (3, 4), None, "beta must be"),
         ((2, 3, 4), (2, 4), (2, 3, 4), None, "same shape"),
-        ((2, 3, 4), (2, 4), (2, 4), (torch.float32, torch.float64, torch.float32), "gamma must have"),
-        ((2, 3, 4), (2, 4), (2, 4), (torch.float32, torch.float32, torch.float16), "beta must have"),
+        (
+            (2, 3, 4),
+            (2, 4),
+            (2, 4),
+            (torch.float32, torch.float64, torch.float32),
+            "gamma must have",
+        ),
+        (
+            (2, 3, 4),
+            (2, 4),
+            (2, 4),
+            (torch.float32, torch.float32, torch.float16),
+            "beta must have",
+        ),
         ((2, 3, 4), (2, 4), (2, 4), (torch.int64, torch.int64, torch.int64), "floating-point"),
     ],
 )
@@ -146,8 +171,9 @@ def test_adaln_cpp_glue_checks_its_own_inputs():
     with pytest.raises(RuntimeError, match="gamma must have shape"):
         _ext.C.adaln_fwd_cpu(x, torch.randn(2, 5), torch.randn(2, 5), 1e-5)
     with pytest.raises(RuntimeError, match="mean and rstd"):
-        _ext.C.adaln_bwd_cpu(x, x, torch.randn(2, 4), torch.randn(2, 3, dtype=torch.float64),
-                             torch.randn(2, 3))
+        _ext.C.adaln_bwd_cpu(
+            x, x, torch.randn(2, 4), torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 3)
+        )
 
 
 def test_explicit_backend_that_cannot_run_raises_with_reasons():
@@ -182,7 +208,7 @@ def test_adaln_torch_compile_fullgraph():
         y_eager = block(x, gamma, beta)
         want = grads_of(y_eager, (x, gamma, beta), dy)
     torch.testing.assert_close(y, y_eager)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w)
 
 
