@@ -96,11 +96,12 @@ Status bwd_typed(const BwdParams& p, cudaStream_t stream) {
   const bool can_vec = aligned16(p.dy) && aligned16(p.x) && aligned16(p.gamma) &&
                        aligned16(p.dx) && aligned16(p.dgamma) && aligned16(p.dbeta);
   Tiling t;
-  if (!choose_tiling<T>(p.dim, can_vec, &t) || p.num_splits < 1 || p.batch > 65535)
+  if (!choose_tiling<T>(p.dim, can_vec, &t) || p.num_splits < 1 || p.num_splits > 65535 ||
+      p.batch > 0x7fffffffLL)
     return static_cast<Status>(cudaErrorInvalidValue);
   const int64_t rows_per_split = (p.seqlen + p.num_splits - 1) / p.num_splits;
   if (p.batch * p.seqlen > 0) {
-    const dim3 grid(static_cast<unsigned>(p.num_splits), static_cast<unsigned>(p.batch));
+    const dim3 grid(static_cast<unsigned>(p.batch), static_cast<unsigned>(p.num_splits));
     const Status st = with_tiling<T>(t, [&](auto nv, auto vec) {
       adaln_bwd_kernel<T, decltype(nv)::value, decltype(vec)::value><<<grid, t.threads, 0, stream>>>(
           static_cast<const T*>(p.dy), static_cast<const T*>(p.x), static_cast<const T*>(p.gamma),

@@ -94,7 +94,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 }
 
-// Grid (num_splits, batch). CTA (s, b) walks rows t in [s*rows, (s+1)*rows) of batch b.
+// Grid (batch, num_splits). CTA (b, s) walks rows t in [s*rows, (s+1)*rows) of batch b.
 //   xhat = (x - mean) * rstd,  g = dy * gamma
 //   dx   = rstd * (g - mean_D(g) - xhat * mean_D(g * xhat))
 //   dgamma = dy * xhat, dbeta = dy  (summed over t when gamma is per batch element)
@@ -106,8 +106,9 @@ __global__ void __launch_bounds__(kMaxThreads)
                      T* __restrict__ dbeta, float* __restrict__ workspace, int64_t seqlen,
                      int64_t dim, int64_t rows_per_split, bool per_token) {
   __shared__ float smem[64];
-  const int64_t b = blockIdx.y;
-  const int64_t t_begin = static_cast<int64_t>(blockIdx.x) * rows_per_split;
+  const int64_t b = blockIdx.x;
+  const int64_t split = blockIdx.y;
+  const int64_t t_begin = split * rows_per_split;
   const int64_t t_end = min(seqlen, t_begin + rows_per_split);
   const float inv_dim = 1.f / static_cast<float>(dim);
 
@@ -171,7 +172,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 
   if (!per_token) {
     // workspace[b, split, 0, :] = partial dgamma, workspace[b, split, 1, :] = partial dbeta
-    float* ws = workspace + ((b * gridDim.x + blockIdx.x) * 2) * dim;
+    float* ws = workspace + ((b * gridDim.y + split) * 2) * dim;
 #pragma unroll
     for (int i = 0; i < NV; ++i) {
       const int64_t col = (static_cast<int64_t>(i) * blockDim.x + threadIdx.x) * VEC;
