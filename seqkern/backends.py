@@ -44,13 +44,15 @@ class Kernel:
     """One backend's implementation of one op.
 
     `supports(*args)` returns None when this backend can run these inputs, else the reason it
-    cannot; it must not synchronise with the device. `fwd` and `bwd` are the op's stages.
+    cannot; it must not synchronise with the device. `fwd` and `bwd` are the op's stages. An op
+    whose only backend so far is the reference registers `bwd=None`: its `fwd` is plain,
+    differentiable PyTorch, and autograd differentiates through it.
     """
 
     op: str
     backend: str
     fwd: Callable
-    bwd: Callable
+    bwd: Callable | None
     supports: Callable[..., str | None]
 
 
@@ -162,6 +164,16 @@ def _why_not(op: str, name: str, args: tuple, explicit: bool) -> str | None:
 def reasons(op: str, *args, explicit: bool = True) -> dict[str, str | None]:
     """For each backend, None if it would run `op` on `args`, else why not."""
     return {name: _why_not(op, name, args, explicit) for name in BACKENDS}
+
+
+def always_supported(*args) -> str | None:
+    """`supports` for the reference backend, which runs anything."""
+    return None
+
+
+def register_reference(op: str, fn: Callable) -> Kernel:
+    """Register `fn` (a plain-PyTorch, differentiable `<op>_ref`) as `op`'s reference backend."""
+    return register(Kernel(op, "reference", fn, None, always_supported))
 
 
 def select(op: str, *args) -> Kernel:

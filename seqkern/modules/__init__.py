@@ -1,4 +1,5 @@
-"""Drop-in nn.Modules with upstream names, signatures and state_dict keys (issue: Reference
-oracle). Empty until those modules land."""
+"""Drop-in nn.Modules with upstream names, constructor signatures and state_dict keys."""
 
-__all__: list[str] = []
+from seqkern.modules.sequence import SequenceIdentity, SequenceModule, TransposedModule
+
+__all__ = ["SequenceModule", "TransposedModule", "SequenceIdentity"]

@@ -1,0 +1,48 @@
+"""Scaled dot-product attention reference (VALL-E's MultiHeadAttention core).
+
+Upstream (espnet2/speechlm/module/transformer.py) calls F.scaled_dot_product_attention with a
+bool mask (True = may attend) or an additive float mask, and `is_causal`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def attention_ref(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+) -> Tensor:
+    """softmax(q k^T * scale + mask) v, with logits and softmax in fp32 (fp64 for fp64).
+
+    Args:
+        q: (B, H, T, hd). k, v: (B, H, S, hd).
+        mask: broadcastable to (B, H, T, S); bool (True = may attend, as SDPA) or additive float.
+        causal: query t attends keys s <= t + (S - T), i.e. causal aligned at the bottom-right,
+            so a chunk of T new frames after S - T cached ones sees exactly its past (for S == T
+            this is the usual lower triangle).
+        scale: default hd ** -0.5.
+    Returns:
+        (B, H, T, hd) in q's dtype. A query row that may attend no key gives 0 (SDPA gives NaN).
+    """
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    logits = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale
+    T, S = q.shape[-2], k.shape[-2]
+    allowed = torch.ones(T, S, dtype=torch.bool, device=q.device)
+    if causal:
+        allowed = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            allowed = allowed & mask
+        else:
+            logits = logits + mask.to(acc)
+    logits = logits.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    probs = probs.masked_fill(~allowed.any(dim=-1, keepdim=True), 0.0)  # fully masked rows
+    return torch.matmul(probs, v.to(acc)).to(q.dtype)

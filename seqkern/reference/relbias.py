@@ -1,0 +1,85 @@
+"""BEATs relative-position-bias attention reference (ESPnet's fairseq-style MultiheadAttention).
+
+espnet2/asr/encoder/beats_encoder.py: T5-style bucketed relative position bias, optionally
+gated per query by a GRU-like gate, added to the logits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+# Upstream scales q by 1/32 before q k^T and the logits back by 32 after subtracting the row
+# max: the same softmax, with more fp16 headroom. The reference keeps the trick.
+ALPHA = 32.0
+
+
+def relative_position_bucket(
+    relative_position: Tensor, num_buckets: int, max_distance: int
+) -> Tensor:
+    """Bidirectional T5 buckets for `relative_position` = key index - query index (long)."""
+    half = num_buckets // 2
+    bucket = (relative_position > 0).to(torch.long) * half
+    distance = relative_position.abs()
+    max_exact = half // 2
+    # log computed in float32 and truncated toward zero, as upstream
+    large = max_exact + (
+        torch.log(distance.float() / max_exact)
+        / math.log(max_distance / max_exact)
+        * (half - max_exact)
+    ).to(torch.long)
+    large = torch.clamp(large, max=half - 1)
+    return bucket + torch.where(distance < max_exact, distance, large)
+
+
+def relbias_attention_ref(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: float,
+    bias: Tensor | None = None,
+    gate: Tensor | None = None,
+    attn_mask: Tensor | None = None,
+    key_padding_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    need_weights: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Attention with an additive, optionally gated, relative-position bias.
+
+        logits = (q * scale) k^T + attn_mask + gate * bias,   key_padding -> -inf
+        out    = dropout(softmax(logits)) v
+
+    computed as upstream does: the logits and softmax in the inputs' dtype, the row max taken
+    before masking (the ALPHA trick above).
+
+    Args:
+        q: (B, H, T, hd); k, v: (B, H, S, hd).
+        scale: usually hd ** -0.5.
+        bias: the ungated bias, broadcastable to (B, H, T, S) (e.g. (1, H, T, S)).
+        gate: (B, H, T, 1) multiplies `bias` (BEATs' gru_rel_pos); None for no gate.
+        attn_mask: (T, S) additive float mask.
+        key_padding_mask: (B, S), True (or 1) = padding.
+        dropout_p: dropout on the attention probabilities (0 in eval).
+        need_weights: also return the probabilities (before dropout).
+    Returns:
+        out (B, H, T, hd), and probs (B, H, T, S) or None. A query row whose keys are all
+        padding gives 0 and zero probabilities (upstream gives NaN).
+    """
+    logits = torch.matmul(q * (scale / ALPHA), k.transpose(-1, -2))
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) * ALPHA
+    if attn_mask is not None:
+        logits = logits + attn_mask
+    padded = None
+    if key_padding_mask is not None:
+        padded = key_padding_mask.to(torch.bool)[:, None, None, :]
+        logits = logits.masked_fill(padded, float("-inf"))
+    if bias is not None:
+        logits = logits + (bias if gate is None else gate * bias)
+    probs = torch.softmax(logits, dim=-1)
+    if padded is not None:
+        probs = probs.masked_fill(padded.all(dim=-1, keepdim=True), 0.0)
+    dropped = torch.nn.functional.dropout(probs, p=dropout_p) if dropout_p > 0 else probs
+    out = torch.matmul(dropped, v)
+    return out, (probs if need_weights else None)
