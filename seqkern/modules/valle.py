@@ -1,0 +1,210 @@
+"""VALL-E's NAR decoder (espnet2.speechlm.module.valle.ValleNARDecoder) and its AdaLN blocks.
+
+Same constructor, state_dict keys and kv_cache format as ESPnet 202506, with the intended
+semantics of the fixed upstream variant (README "Differences from upstream"): every sample
+gets its own attention residual (202506 broadcasts batch row 0), `causal` reaches every block,
+and `forward` takes an optional `mask`. AdaLN runs through `seqkern.adaln` and attention
+through `seqkern.ops.attention`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from seqkern.ops.adaln import adaln
+from seqkern.ops.attention import attention
+
+
+class Linear(nn.Linear):
+    """nn.Linear that runs in the input's dtype (casts its parameters), as upstream's."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype), bias)
+
+
+class AdaLN(nn.Module):
+    """gamma(level) * LayerNorm(x) + beta(level), LayerNorm without affine.
+
+    `weight` and `bias` are bias-free Linear(D, D) maps of the level embedding (upstream
+    initialises them to all-ones and all-zeros matrices).
+    """
+
+    def __init__(self, n_state: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Linear(n_state, n_state, bias=False)
+        self.bias = nn.Linear(n_state, n_state, bias=False)
+        nn.init.constant_(self.weight.weight, 1.0)
+        nn.init.constant_(self.bias.weight, 0.0)
+        self.n_state = n_state
+        self.eps = eps
+
+    def forward(self, x: Tensor, level_emb: Tensor) -> Tensor:
+        """x (B, T, D); level_emb (B, D) or (B, T, D) -> (B, T, D).
+
+        The result has the promoted dtype of x and the parameters, as upstream's does.
+        """
+        gamma, beta = self.weight(level_emb), self.bias(level_emb)
+        dtype = torch.promote_types(x.dtype, gamma.dtype)
+        return adaln(x.to(dtype), gamma.to(dtype), beta.to(dtype), self.eps)
+
+
+class MultiHeadAttention(nn.Module):
+    """Self/cross attention with query, key (no bias), value and out projections."""
+
+    def __init__(self, n_state: int, n_head: int, causal: bool = False):
+        super().__init__()
+        if n_state % n_head:
+            raise ValueError(f"n_state {n_state} must be divisible by n_head {n_head}")
+        self.n_head = n_head
+        self.query = Linear(n_state, n_state)
+        self.key = Linear(n_state, n_state, bias=False)
+        self.value = Linear(n_state, n_state)
+        self.out = Linear(n_state, n_state)
+        self.causal = causal
+
+    def forward(
+        self,
+        x: Tensor,
+        xa: Tensor | None = None,
+        mask: Tensor | None = None,
+        kv_cache: dict | None = None,
+    ) -> Tensor:
+        q = self.query(x)
+        if kv_cache is None or xa is None or self.key not in kv_cache:
+            # With install_kv_cache_hook's hooks, these return cached + new keys/values.
+            k = self.key(x if xa is None else xa)
+            v = self.value(x if xa is None else xa)
+        else:
+            k, v = kv_cache[self.key], kv_cache[self.value]
+        return self.out(self.qkv_attention(q, k, v, mask))
+
+    def qkv_attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+        """(B, T, D), (B, S, D), (B, S, D) -> (B, T, D)."""
+        if self.causal and mask is not None:
+            raise ValueError("mask is not allowed when the attention is causal")
+
+        def heads(t: Tensor) -> Tensor:
+            return t.view(*t.shape[:2], self.n_head, -1).transpose(1, 2)
+
+        out = attention(heads(q), heads(k), heads(v), mask=mask, causal=self.causal)
+        return out.transpose(1, 2).flatten(start_dim=2)
+
+
+class ResidualAttentionBlockAdaLM(nn.Module):
+    """Pre-norm transformer block whose norms are AdaLN, conditioned on the level embedding."""
+
+    def __init__(
+        self, n_state: int, n_head: int, cross_attention: bool = False, causal: bool = False
+    ):
+        super().__init__()
+        self.attn = MultiHeadAttention(n_state, n_head, causal=causal)
+        self.attn_ln = AdaLN(n_state)
+        self.cross_attn = MultiHeadAttention(n_state, n_head) if cross_attention else None
+        self.cross_attn_ln = AdaLN(n_state) if cross_attention else None
+        n_mlp = n_state * 4
+        self.mlp = nn.Sequential(Linear(n_state, n_mlp), nn.GELU(), Linear(n_mlp, n_state))
+        self.mlp_ln = AdaLN(n_state)
+
+    def forward(
+        self,
+        x: Tensor,
+        level: Tensor,
+        xa: Tensor | None = None,
+        mask: Tensor | None = None,
+        kv_cache: dict | None = None,
+    ) -> Tensor:
+        x = x + self.attn(self.attn_ln(x, level), mask=mask, kv_cache=kv_cache)
+        if self.cross_attn is not None:
+            x = x + self.cross_attn(self.cross_attn_ln(x, level), xa, kv_cache=kv_cache)
+        return x + self.mlp(self.mlp_ln(x, level))
+
+
+class ValleNARDecoder(nn.Module):
+    """VALL-E's non-autoregressive decoder: a transformer whose norms are level-conditioned.
+
+    Args:
+        n_level: number of NAR levels (codebooks after the first).
+        n_ctx: maximum sequence length (learned absolute positions).
+        n_state, n_head, n_layer: width, heads, depth.
+        causal: causal self-attention in every block (ValleLM's NAR uses False).
+        layer_class: the block class, called as layer_class(n_state, n_head, False, causal).
+    """
+
+    def __init__(
+        self,
+        n_level: int,
+        n_ctx: int,
+        n_state: int,
+        n_head: int,
+        n_layer: int,
+        causal: bool = True,
+        layer_class=ResidualAttentionBlockAdaLM,
+    ):
+        super().__init__()
+        self.pos_emb = nn.Embedding(n_ctx, n_state)
+        self.blocks = nn.ModuleList(
+            [layer_class(n_state, n_head, False, causal) for _ in range(n_layer)]
+        )
+        self.ln = AdaLN(n_state)
+        self.causal = causal
+        self.level_emb = nn.Embedding(n_level, n_state)
+
+    def forward(
+        self,
+        x: Tensor,
+        level: Tensor,
+        kv_cache: dict | None = None,
+        mask: Tensor | None = None,
+    ) -> Tensor:
+        """x (B, T, D) float; level (B,) or (B, T) long -> (B, T, D).
+
+        kv_cache: upstream's dict {attn.key / attn.value module: (B, T_cached, D)}, filled by
+            the hooks of `install_kv_cache_hook`; its length offsets the positions.
+        mask: for non-causal decoders, bool (True = may attend) or additive float, broadcastable
+            to (B, H, T, S), e.g. a (B, 1, 1, S) key padding mask.
+        """
+        if self.causal and mask is not None:
+            raise ValueError("mask is not allowed when causal")
+        if x.dim() != 3 or x.size(-1) != self.pos_emb.embedding_dim:
+            raise ValueError(
+                f"x must be (B, T, {self.pos_emb.embedding_dim}), got {tuple(x.shape)}"
+            )
+        if level.dim() not in (1, 2) or level.shape != x.shape[: level.dim()]:
+            raise ValueError(f"level must be (B,) or (B, T) for x {tuple(x.shape)}, got {tuple(level.shape)}")
+        emb = self.level_emb(level)
+        offset = next(iter(kv_cache.values())).shape[1] if kv_cache else 0
+        if offset + x.shape[1] > self.pos_emb.num_embeddings:
+            raise ValueError(
+                f"positions {offset}..{offset + x.shape[1] - 1} exceed n_ctx = "
+                f"{self.pos_emb.num_embeddings}"
+            )
+        x = x + self.pos_emb.weight[offset : offset + x.shape[1]].unsqueeze(0)
+        for block in self.blocks:
+            x = block(x, level=emb, mask=mask, kv_cache=kv_cache)
+        return self.ln(x, emb)
+
+
+def install_kv_cache_hook(model: nn.Module, cache: dict | None):
+    """Upstream's espnet2.speechlm.net_utils.install_kv_cache_hook, for seqkern's attention.
+
+    Hooks every MultiHeadAttention's key and value projections: the first call stores the
+    output, later ones append to it (detached); either way the attention sees cached + new.
+    Returns (cache, hooks); remove the hooks with `h.remove()`.
+    """
+    cache = {**cache} if cache is not None else {}
+    hooks = []
+
+    def save_to_cache(module, _, output):
+        cache[module] = output if module not in cache else torch.cat(
+            [cache[module], output], dim=1
+        ).detach()
+        return cache[module]
+
+    for layer in model.modules():
+        if isinstance(layer, MultiHeadAttention):
+            hooks.append(layer.key.register_forward_hook(save_to_cache))
+            hooks.append(layer.value.register_forward_hook(save_to_cache))
+    return cache, hooks
