@@ -9,9 +9,11 @@
 by `seqkern info` (or `seqkern.info()`), not raised.
 """
 
+from seqkern import modules
 from seqkern.backends import BackendError, use_backend
 from seqkern.ops import adaln
 from seqkern.reference import adaln_ref
+from seqkern.swap import swap, unswap
 
 __version__ = "0.1.0"
 
@@ -23,4 +25,14 @@ def info() -> str:
     return report()
 
 
-__all__ = ["adaln", "adaln_ref", "use_backend", "BackendError", "info", "__version__"]
+__all__ = [
+    "adaln",
+    "adaln_ref",
+    "modules",
+    "swap",
+    "unswap",
+    "use_backend",
+    "BackendError",
+    "info",
+    "__version__",
+]

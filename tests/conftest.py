@@ -1,4 +1,4 @@
-"""Test tiers.
+"""Test tiers, and the upstream fixtures.
 
 Default run (no GPU): reference, C++ CPU ops, Triton kernels in the interpreter (set here,
 before anything imports triton), the nvcc compile check, packaging. Tests marked `cuda` skip
@@ -6,7 +6,12 @@ themselves without a GPU and, on a GPU machine (`pytest -m cuda`), run the same 
 the device at real sizes.
 """
 
+import importlib
+import importlib.util
 import os
+import sys
+import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,3 +32,72 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+# ---------------------------------------------------------------------------------------------
+# Upstream modules for the compat and swap tests: ESPnet 202506 and torchaudio 2.8.0's pure-Python
+# files. `python tests/upstream/fetch.py` puts them in place (the README's test command runs it).
+# Under CI a missing upstream fails the run: a compat check that silently skips proves nothing.
+ROOT = Path(__file__).resolve().parents[1]
+UPSTREAM_DIR = Path(os.environ.get("SEQKERN_UPSTREAM_DIR", ROOT / ".upstream"))
+TORCHAUDIO_DIR = UPSTREAM_DIR / "torchaudio-2.8.0"
+
+
+def _missing(what: str):
+    msg = f"{what} is not available: run `python tests/upstream/fetch.py`"
+    if os.environ.get("CI"):
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
+def _load_torchaudio_sources() -> None:
+    """Make torchaudio's pure-Python files importable without running torchaudio/__init__.py.
+
+    The package objects are stand-ins whose __path__ points at the unpacked sources, so the
+    compiled library (built for torch 2.8) is never loaded.
+    """
+    if "torchaudio.prototype.models.conv_emformer" in sys.modules:
+        return
+    pkg_root = TORCHAUDIO_DIR / "torchaudio"
+    for name in ("torchaudio", "torchaudio._internal", "torchaudio.compliance",
+                 "torchaudio.models", "torchaudio.prototype", "torchaudio.prototype.models"):
+        module = types.ModuleType(name)
+        module.__path__ = [str(pkg_root.joinpath(*name.split(".")[1:]))]
+        sys.modules[name] = module
+    for name in ("torchaudio._internal.module_utils", "torchaudio.compliance.kaldi",
+                 "torchaudio.models.emformer", "torchaudio.prototype.models.conv_emformer"):
+        path = pkg_root.joinpath(*name.split(".")[1:]).with_suffix(".py")
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        parent, _, leaf = name.rpartition(".")
+        setattr(sys.modules[parent], leaf, module)
+
+
+@pytest.fixture(scope="session")
+def torchaudio_upstream():
+    """Namespace with torchaudio 2.8.0's Emformer and ConvEmformer modules."""
+    if not (TORCHAUDIO_DIR / "torchaudio" / "models" / "emformer.py").exists():
+        _missing(f"torchaudio 2.8.0 sources ({TORCHAUDIO_DIR})")
+    _load_torchaudio_sources()
+    return types.SimpleNamespace(
+        emformer=sys.modules["torchaudio.models.emformer"],
+        conv_emformer=sys.modules["torchaudio.prototype.models.conv_emformer"],
+    )
+
+
+@pytest.fixture(scope="session")
+def espnet_upstream(torchaudio_upstream):
+    """Namespace with the ESPnet 202506 modules seqkern mirrors (beats needs torchaudio)."""
+    if importlib.util.find_spec("espnet2") is None:
+        _missing("espnet 202506")
+    return types.SimpleNamespace(
+        valle=importlib.import_module("espnet2.speechlm.module.valle"),
+        transformer=importlib.import_module("espnet2.speechlm.module.transformer"),
+        net_utils=importlib.import_module("espnet2.speechlm.net_utils"),
+        beats=importlib.import_module("espnet2.asr.encoder.beats_encoder"),
+        mega_decoder=importlib.import_module("espnet2.asr_transducer.decoder.mega_decoder"),
+        beam_search=importlib.import_module("espnet2.asr_transducer.beam_search_transducer"),
+        state_spaces_base=importlib.import_module("espnet2.asr.state_spaces.base"),
+    )

@@ -1,5 +1,13 @@
 """Drop-in nn.Modules with upstream names, constructor signatures and state_dict keys."""
 
+from seqkern.modules.beats import BeatsMultiheadAttention
 from seqkern.modules.sequence import SequenceIdentity, SequenceModule, TransposedModule
+from seqkern.modules.valle import ValleNARDecoder
 
-__all__ = ["SequenceModule", "TransposedModule", "SequenceIdentity"]
+__all__ = [
+    "BeatsMultiheadAttention",
+    "SequenceIdentity",
+    "SequenceModule",
+    "TransposedModule",
+    "ValleNARDecoder",
+]

@@ -1,0 +1,225 @@
+"""seqkern.swap(model): accelerate an existing model in place, keeping its weights.
+
+Every instance of a supported upstream class inside `model` (ESPnet's BEATs attention, VALL-E
+NAR decoder, MEGA transducer decoder; torchaudio's Emformer and ConvEmformer) is replaced by
+the seqkern module built with the same configuration and holding the *same* Parameter and
+buffer objects, so optimisers, tied weights and state_dict keys are untouched.
+`seqkern.unswap(model)` puts the originals back.
+
+Upstream classes are recognised by their import path, so neither ESPnet nor torchaudio is ever
+imported by seqkern.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from seqkern.backends import BACKENDS, use_backend
+
+
+@dataclass(frozen=True)
+class SwapRule:
+    upstream: str  # "<module>.<qualname>" of the upstream class
+    build: Callable[[nn.Module], nn.Module]  # a seqkern module configured like the instance
+    methods: tuple[str, ...] = ("forward",)  # run under the swap's backend setting
+
+
+def _beats_mha(m: nn.Module) -> nn.Module:
+    from seqkern.modules.beats import BeatsMultiheadAttention
+
+    if any(p._forward_pre_hooks for p in (m.q_proj, m.k_proj, m.v_proj, m.out_proj)):
+        raise _CannotSwap("quantization noise (q_noise > 0) is not supported")
+    # BEATs attaches layer 0's bias table to every later layer, whose flag stays False: build
+    # the table wherever the instance has one, and keep the flag as found.
+    has_table = hasattr(m, "relative_attention_bias")
+    new = BeatsMultiheadAttention(
+        m.embed_dim,
+        m.num_heads,
+        kdim=m.kdim,
+        vdim=m.vdim,
+        dropout=m.dropout_module.p,
+        bias=m.q_proj.bias is not None,
+        add_bias_kv=m.bias_k is not None,
+        add_zero_attn=m.add_zero_attn,
+        self_attention=m.self_attention,
+        encoder_decoder_attention=m.encoder_decoder_attention,
+        has_relative_attention_bias=m.has_relative_attention_bias or has_table,
+        num_buckets=m.num_buckets,
+        max_distance=m.max_distance,
+        gru_rel_pos=m.gru_rel_pos,
+        rescale_init=m.k_proj.bias is None,
+    )
+    new.has_relative_attention_bias = m.has_relative_attention_bias
+    return new
+
+
+def _valle_nar(m: nn.Module) -> nn.Module:
+    from seqkern.modules.valle import ValleNARDecoder
+
+    if m.blocks and m.blocks[0].cross_attn is not None:
+        raise _CannotSwap("cross-attention blocks are not supported")
+    return ValleNARDecoder(
+        n_level=m.level_emb.num_embeddings,
+        n_ctx=m.pos_emb.num_embeddings,
+        n_state=m.pos_emb.embedding_dim,
+        n_head=m.blocks[0].attn.n_head if len(m.blocks) else 1,
+        n_layer=len(m.blocks),
+        causal=m.causal,
+    )
+
+
+RULES: list[SwapRule] = [
+    SwapRule("espnet2.asr.encoder.beats_encoder.MultiheadAttention", _beats_mha),
+    SwapRule("espnet2.speechlm.module.valle.ValleNARDecoder", _valle_nar),
+]
+
+
+class _CannotSwap(Exception):
+    """This instance uses a feature the seqkern module does not have; it is left as it is."""
+
+
+def _rule_for(module: nn.Module) -> SwapRule | None:
+    cls = type(module)
+    name = f"{cls.__module__}.{cls.__qualname__}"
+    return next((r for r in RULES if r.upstream == name), None)
+
+
+def _adopt_tensors(new: nn.Module, old: nn.Module) -> None:
+    """Make `new` hold `old`'s very Parameter and buffer objects, key for key."""
+    new_keys, old_keys = set(new.state_dict()), set(old.state_dict())
+    if new_keys != old_keys:
+        raise RuntimeError(
+            "seqkern.swap: state_dict keys differ: only upstream "
+            f"{sorted(old_keys - new_keys)[:5]}, only seqkern {sorted(new_keys - old_keys)[:5]}"
+        )
+    device = next((t.device for t in old.state_dict().values()), None)
+    if device is not None:
+        new.to(device)  # non-persistent buffers of the new module
+    for name, param in old.named_parameters(remove_duplicate=False):
+        owner, _, leaf = name.rpartition(".")
+        new.get_submodule(owner)._parameters[leaf] = param
+    for name, buf in old.named_buffers(remove_duplicate=False):
+        owner, _, leaf = name.rpartition(".")
+        target = new.get_submodule(owner)
+        if leaf in target._buffers:
+            target._buffers[leaf] = buf
+    # Same registration order as the original, so state_dict() lists the keys in its order.
+    for name, old_sub in old.named_modules(remove_duplicate=False):
+        new_sub = new.get_submodule(name)
+        for attr in ("_parameters", "_buffers", "_modules"):
+            mine, theirs = getattr(new_sub, attr), getattr(old_sub, attr)
+            order = [k for k in theirs if k in mine] + [k for k in mine if k not in theirs]
+            setattr(new_sub, attr, {k: mine[k] for k in order})
+
+
+def _with_backend(method: Callable, backend: tuple[str, ...]) -> Callable:
+    @functools.wraps(method)
+    def run(*args, **kwargs):
+        with use_backend(*backend):
+            return method(*args, **kwargs)
+
+    return run
+
+
+def _swap_one(module: nn.Module, rule: SwapRule, backend: tuple[str, ...] | None) -> nn.Module:
+    new = rule.build(module)
+    _adopt_tensors(new, module)
+    new.train(module.training)
+    # Not registered as a submodule: the original must not appear in state_dict or .modules().
+    object.__setattr__(new, "_seqkern_original", module)
+    if backend:
+        for name in rule.methods:
+            object.__setattr__(new, name, _with_backend(getattr(new, name), backend))
+    return new
+
+
+def swap(model: nn.Module, backend: str | tuple[str, ...] | None = None) -> nn.Module:
+    """Replace, in place, every supported upstream module inside `model` by seqkern's.
+
+    Args:
+        model: any nn.Module (an ESPnet BeatsEncoder, a transducer model with a MEGA decoder, a
+            torchaudio RNN-T with an Emformer transcriber, a VALL-E model, ...).
+        backend: optional backend name(s) the swapped modules run under (as `use_backend`);
+            None means auto.
+    Returns:
+        `model` (or, if `model` itself is a supported upstream module, its replacement).
+        Weights are shared, not copied: the swapped model's parameters are the same objects.
+        A model with nothing to swap comes back unchanged, with a warning.
+
+    Example:
+        >>> encoder = seqkern.swap(encoder)          # BEATs attention now runs on seqkern ops
+        >>> encoder = seqkern.unswap(encoder)        # and back
+    """
+    if isinstance(backend, str):
+        backend = (backend,)
+    if backend is not None:
+        bad = [b for b in backend if b not in BACKENDS]
+        if bad:
+            raise ValueError(f"seqkern.swap: unknown backend(s) {bad}; expected names from {BACKENDS}")
+    swapped, skipped = 0, []
+
+    def visit(parent: nn.Module) -> None:
+        nonlocal swapped
+        for name, child in list(parent.named_children()):
+            rule = _rule_for(child)
+            if rule is None:
+                visit(child)
+                continue
+            try:
+                new = _swap_one(child, rule, backend)
+            except _CannotSwap as why:
+                skipped.append(f"{type(child).__qualname__} at {name}: {why}")
+                visit(child)
+                continue
+            setattr(parent, name, new)  # nn.ModuleList/Sequential children are named "0", "1"
+            swapped += 1
+
+    root_rule = _rule_for(model)
+    if root_rule is not None:
+        try:
+            model, swapped = _swap_one(model, root_rule, backend), 1
+        except _CannotSwap as why:
+            skipped.append(f"{type(model).__qualname__}: {why}")
+    else:
+        visit(model)
+    for s in skipped:
+        warnings.warn(f"seqkern.swap: left as it is: {s}", stacklevel=2)
+    if swapped == 0:
+        warnings.warn(
+            f"seqkern.swap: nothing to swap in {type(model).__name__}; supported: "
+            + ", ".join(r.upstream for r in RULES),
+            stacklevel=2,
+        )
+    return model
+
+
+def unswap(model: nn.Module) -> nn.Module:
+    """Undo `swap`: put every original upstream module back. Returns `model` (or the original
+    when `model` itself was swapped)."""
+    original = getattr(model, "_seqkern_original", None)
+    if original is not None:
+        return original
+
+    def visit(parent: nn.Module) -> None:
+        for name, child in list(parent.named_children()):
+            orig = getattr(child, "_seqkern_original", None)
+            if orig is not None:
+                setattr(parent, name, orig)
+            else:
+                visit(child)
+
+    visit(model)
+    return model
+
+
+def supported() -> list[str]:
+    """Import paths of the upstream classes `swap` replaces."""
+    return [r.upstream for r in RULES]
+
+
+__all__ = ["swap", "unswap", "supported", "RULES", "SwapRule"]
