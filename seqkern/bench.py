@@ -578,6 +578,12 @@ def main(argv: list[str] | None = None) -> int:
         f"seqkern bench: {dev_name}, {'quick' if quick else 'full'} shapes, ops: {', '.join(ops)}",
         file=sys.stderr,
     )
+    unbenched = [op for op in backends.registered_ops() if op not in SPECS]
+    if unbenched and args.ops is None:
+        print(
+            f"seqkern bench: no benchmark yet for the reference-only ops {', '.join(unbenched)}",
+            file=sys.stderr,
+        )
     if quick and device.type == "cpu":
         print(
             "seqkern bench: torch.compile baseline skipped in --quick on CPU (inductor's C++ "

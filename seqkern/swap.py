@@ -160,7 +160,9 @@ def swap(model: nn.Module, backend: str | tuple[str, ...] | None = None) -> nn.M
     if backend is not None:
         bad = [b for b in backend if b not in BACKENDS]
         if bad:
-            raise ValueError(f"seqkern.swap: unknown backend(s) {bad}; expected names from {BACKENDS}")
+            raise ValueError(
+                f"seqkern.swap: unknown backend(s) {bad}; expected names from {BACKENDS}"
+            )
     swapped, skipped = 0, []
 
     def visit(parent: nn.Module) -> None:

@@ -59,13 +59,23 @@ def _load_torchaudio_sources() -> None:
     if "torchaudio.prototype.models.conv_emformer" in sys.modules:
         return
     pkg_root = TORCHAUDIO_DIR / "torchaudio"
-    for name in ("torchaudio", "torchaudio._internal", "torchaudio.compliance",
-                 "torchaudio.models", "torchaudio.prototype", "torchaudio.prototype.models"):
+    for name in (
+        "torchaudio",
+        "torchaudio._internal",
+        "torchaudio.compliance",
+        "torchaudio.models",
+        "torchaudio.prototype",
+        "torchaudio.prototype.models",
+    ):
         module = types.ModuleType(name)
         module.__path__ = [str(pkg_root.joinpath(*name.split(".")[1:]))]
         sys.modules[name] = module
-    for name in ("torchaudio._internal.module_utils", "torchaudio.compliance.kaldi",
-                 "torchaudio.models.emformer", "torchaudio.prototype.models.conv_emformer"):
+    for name in (
+        "torchaudio._internal.module_utils",
+        "torchaudio.compliance.kaldi",
+        "torchaudio.models.emformer",
+        "torchaudio.prototype.models.conv_emformer",
+    ):
         path = pkg_root.joinpath(*name.split(".")[1:]).with_suffix(".py")
         spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)

@@ -173,7 +173,9 @@ class ValleNARDecoder(nn.Module):
                 f"x must be (B, T, {self.pos_emb.embedding_dim}), got {tuple(x.shape)}"
             )
         if level.dim() not in (1, 2) or level.shape != x.shape[: level.dim()]:
-            raise ValueError(f"level must be (B,) or (B, T) for x {tuple(x.shape)}, got {tuple(level.shape)}")
+            raise ValueError(
+                f"level must be (B,) or (B, T) for x {tuple(x.shape)}, got {tuple(level.shape)}"
+            )
         emb = self.level_emb(level)
         offset = next(iter(kv_cache.values())).shape[1] if kv_cache else 0
         if offset + x.shape[1] > self.pos_emb.num_embeddings:
@@ -198,9 +200,9 @@ def install_kv_cache_hook(model: nn.Module, cache: dict | None):
     hooks = []
 
     def save_to_cache(module, _, output):
-        cache[module] = output if module not in cache else torch.cat(
-            [cache[module], output], dim=1
-        ).detach()
+        cache[module] = (
+            output if module not in cache else torch.cat([cache[module], output], dim=1).detach()
+        )
         return cache[module]
 
     for layer in model.modules():

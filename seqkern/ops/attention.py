@@ -37,9 +37,13 @@ def attention(
         if t.dim() != 4:
             raise ValueError(f"attention: {name} must be (B, H, L, hd), got {tuple(t.shape)}")
         if t.dtype != q.dtype or t.device != q.device:
-            raise ValueError(f"attention: {name} must match q's dtype/device ({q.dtype}, {q.device})")
+            raise ValueError(
+                f"attention: {name} must match q's dtype/device ({q.dtype}, {q.device})"
+            )
     if k.shape != v.shape[:-1] + k.shape[-1:] or k.shape[:2] != q.shape[:2]:
-        raise ValueError(f"attention: k {tuple(k.shape)} / v {tuple(v.shape)} do not fit q {tuple(q.shape)}")
+        raise ValueError(
+            f"attention: k {tuple(k.shape)} / v {tuple(v.shape)} do not fit q {tuple(q.shape)}"
+        )
     if q.shape[-1] != k.shape[-1]:
         raise ValueError("attention: q and k must have the same head dim")
     return backends.select(OP, q).fwd(q, k, v, mask, causal, scale)

@@ -34,11 +34,19 @@ def relbias_attention(
     B, H, T, _ = q.shape
     S = k.shape[-2]
     if k.shape[:2] != (B, H) or v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"relbias_attention: k {tuple(k.shape)} / v {tuple(v.shape)} do not fit q {tuple(q.shape)}")
+        raise ValueError(
+            f"relbias_attention: k {tuple(k.shape)} / v {tuple(v.shape)} do not fit "
+            f"q {tuple(q.shape)}"
+        )
     if key_padding_mask is not None and tuple(key_padding_mask.shape) != (B, S):
-        raise ValueError(f"relbias_attention: key_padding_mask must be (B, S) = {(B, S)}, got {tuple(key_padding_mask.shape)}")
+        raise ValueError(
+            f"relbias_attention: key_padding_mask must be (B, S) = {(B, S)}, "
+            f"got {tuple(key_padding_mask.shape)}"
+        )
     if attn_mask is not None and tuple(attn_mask.shape) != (T, S):
-        raise ValueError(f"relbias_attention: attn_mask must be (T, S) = {(T, S)}, got {tuple(attn_mask.shape)}")
+        raise ValueError(
+            f"relbias_attention: attn_mask must be (T, S) = {(T, S)}, got {tuple(attn_mask.shape)}"
+        )
     return backends.select(OP, q).fwd(
         q, k, v, scale, bias, gate, attn_mask, key_padding_mask, dropout_p, need_weights
     )

@@ -26,10 +26,23 @@ def make_pair(espnet_upstream, seed=0, dtype=torch.float64, **kwargs):
 
 CONFIGS = [
     dict(embed_dim=24, num_heads=4, self_attention=True),
-    dict(embed_dim=24, num_heads=3, self_attention=True, has_relative_attention_bias=True,
-         num_buckets=16, max_distance=40),
-    dict(embed_dim=32, num_heads=4, self_attention=True, has_relative_attention_bias=True,
-         num_buckets=32, max_distance=64, gru_rel_pos=True),
+    dict(
+        embed_dim=24,
+        num_heads=3,
+        self_attention=True,
+        has_relative_attention_bias=True,
+        num_buckets=16,
+        max_distance=40,
+    ),
+    dict(
+        embed_dim=32,
+        num_heads=4,
+        self_attention=True,
+        has_relative_attention_bias=True,
+        num_buckets=32,
+        max_distance=64,
+        gru_rel_pos=True,
+    ),
     dict(embed_dim=24, num_heads=2, kdim=12, vdim=20, bias=False, rescale_init=True),
 ]
 
@@ -42,7 +55,9 @@ def test_forward_and_grads_match_upstream(espnet_upstream, cfg, need_head_weight
     gen = torch.Generator().manual_seed(1)
     query = torch.randn(T, B, cfg["embed_dim"], generator=gen, dtype=torch.float64)
     key = torch.randn(S, B, cfg.get("kdim") or cfg["embed_dim"], generator=gen, dtype=torch.float64)
-    value = torch.randn(S, B, cfg.get("vdim") or cfg["embed_dim"], generator=gen, dtype=torch.float64)
+    value = torch.randn(
+        S, B, cfg.get("vdim") or cfg["embed_dim"], generator=gen, dtype=torch.float64
+    )
     if cfg.get("self_attention"):
         key = value = query
     lengths = torch.tensor([S, S - 2, S - 4])  # ragged batch
@@ -52,9 +67,14 @@ def test_forward_and_grads_match_upstream(espnet_upstream, cfg, need_head_weight
     outs = []
     for m in (up, ours):
         q = query.clone().requires_grad_()
-        args = (q, key if not cfg.get("self_attention") else q, value if not cfg.get("self_attention") else q)
-        attn, w, pb = m(*args, key_padding_mask=kpm, attn_mask=attn_mask,
-                        need_head_weights=need_head_weights)
+        args = (
+            q,
+            key if not cfg.get("self_attention") else q,
+            value if not cfg.get("self_attention") else q,
+        )
+        attn, w, pb = m(
+            *args, key_padding_mask=kpm, attn_mask=attn_mask, need_head_weights=need_head_weights
+        )
         loss = (attn * torch.linspace(-1, 1, attn.numel(), dtype=attn.dtype).view_as(attn)).sum()
         grads = torch.autograd.grad(loss, [q, *m.parameters()])
         outs.append((attn, w, pb, grads))
@@ -71,8 +91,15 @@ def test_forward_and_grads_match_upstream(espnet_upstream, cfg, need_head_weight
 
 
 def test_position_bias_passthrough_and_before_softmax(espnet_upstream):
-    cfg = dict(embed_dim=24, num_heads=3, self_attention=True, has_relative_attention_bias=True,
-               num_buckets=16, max_distance=40, gru_rel_pos=True)
+    cfg = dict(
+        embed_dim=24,
+        num_heads=3,
+        self_attention=True,
+        has_relative_attention_bias=True,
+        num_buckets=16,
+        max_distance=40,
+        gru_rel_pos=True,
+    )
     up, ours = make_pair(espnet_upstream, seed=3, **cfg)
     x = torch.randn(6, 2, 24, dtype=torch.float64)
     _, _, pb = up(x, x, x)
@@ -88,8 +115,14 @@ def test_position_bias_passthrough_and_before_softmax(espnet_upstream):
 
 
 def test_state_dict_roundtrip_both_ways(espnet_upstream):
-    cfg = dict(embed_dim=16, num_heads=2, self_attention=True, has_relative_attention_bias=True,
-               gru_rel_pos=True, add_bias_kv=True)
+    cfg = dict(
+        embed_dim=16,
+        num_heads=2,
+        self_attention=True,
+        has_relative_attention_bias=True,
+        gru_rel_pos=True,
+        add_bias_kv=True,
+    )
     up = espnet_upstream.beats.MultiheadAttention(**cfg)
     ours = BeatsMultiheadAttention(**cfg)
     assert list(ours.state_dict()) == list(up.state_dict())
@@ -122,16 +155,24 @@ def test_incremental_decoding_matches_upstream_with_fairseq_shim(espnet_upstream
 
 def test_incremental_with_relative_bias_equals_full_forward(espnet_upstream):
     # Upstream raises here (bias sized without the cache offset); seqkern follows the intent.
-    cfg = dict(embed_dim=24, num_heads=3, self_attention=True, has_relative_attention_bias=True,
-               num_buckets=16, max_distance=40, gru_rel_pos=True)
+    cfg = dict(
+        embed_dim=24,
+        num_heads=3,
+        self_attention=True,
+        has_relative_attention_bias=True,
+        num_buckets=16,
+        max_distance=40,
+        gru_rel_pos=True,
+    )
     _, ours = make_pair(espnet_upstream, seed=6, **cfg)
     T = 6
     x = torch.randn(T, 2, 24, dtype=torch.float64)
     causal = torch.triu(torch.full((T, T), float("-inf"), dtype=torch.float64), diagonal=1)
     full, _, _ = ours(x, x, x, attn_mask=causal)
     state = {}
-    steps = [ours(x[t : t + 1], x[t : t + 1], x[t : t + 1], incremental_state=state)[0]
-             for t in range(T)]
+    steps = [
+        ours(x[t : t + 1], x[t : t + 1], x[t : t + 1], incremental_state=state)[0] for t in range(T)
+    ]
     torch.testing.assert_close(torch.cat(steps), full, rtol=1e-10, atol=1e-10)
 
 
@@ -160,8 +201,14 @@ def test_fully_padded_row_is_zero_not_nan(espnet_upstream):
 
 
 def test_fp16_close_to_upstream(espnet_upstream):
-    cfg = dict(embed_dim=32, num_heads=4, self_attention=True, has_relative_attention_bias=True,
-               num_buckets=16, max_distance=40)
+    cfg = dict(
+        embed_dim=32,
+        num_heads=4,
+        self_attention=True,
+        has_relative_attention_bias=True,
+        num_buckets=16,
+        max_distance=40,
+    )
     up, ours = make_pair(espnet_upstream, seed=9, dtype=torch.float32, **cfg)
     x = torch.randn(9, 2, 32)
     a0, _, _ = up(x, x, x)
@@ -178,12 +225,17 @@ def test_bad_input_is_named():
 
 
 @pytest.mark.parametrize("num_buckets,max_distance", [(32, 128), (320, 1280), (16, 20), (10, 9)])
-def test_bucket_function_matches_upstream_far_past_max_distance(espnet_upstream, num_buckets,
-                                                                max_distance):
+def test_bucket_function_matches_upstream_far_past_max_distance(
+    espnet_upstream, num_buckets, max_distance
+):
     from seqkern.reference.relbias import relative_position_bucket
 
     up = espnet_upstream.beats.MultiheadAttention(
-        8, 2, self_attention=True, has_relative_attention_bias=True, num_buckets=num_buckets,
+        8,
+        2,
+        self_attention=True,
+        has_relative_attention_bias=True,
+        num_buckets=num_buckets,
         max_distance=max_distance,
     )
     rel = torch.arange(-3 * max_distance - 7, 3 * max_distance + 8)
@@ -193,8 +245,14 @@ def test_bucket_function_matches_upstream_far_past_max_distance(espnet_upstream,
 
 
 def test_long_sequence_bias_matches_upstream(espnet_upstream):
-    cfg = dict(embed_dim=16, num_heads=2, self_attention=True, has_relative_attention_bias=True,
-               num_buckets=16, max_distance=20)
+    cfg = dict(
+        embed_dim=16,
+        num_heads=2,
+        self_attention=True,
+        has_relative_attention_bias=True,
+        num_buckets=16,
+        max_distance=20,
+    )
     up, ours = make_pair(espnet_upstream, seed=11, **cfg)
     x = torch.randn(60, 1, 16, dtype=torch.float64)
     a0, _, pb0 = up(x, x, x)

@@ -80,8 +80,9 @@ def test_causal_equals_upstream_with_a_causal_mask(espnet_upstream):
     T = 9
     x = torch.randn(1, T, D, dtype=torch.float64)
     up.mask = torch.ones(T, T, dtype=torch.bool).tril()
-    torch.testing.assert_close(ours(x, torch.tensor([2])), up(x, torch.tensor([2])),
-                               rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        ours(x, torch.tensor([2])), up(x, torch.tensor([2])), rtol=1e-10, atol=1e-10
+    )
 
 
 def test_mask_argument_equals_upstream_mask_attribute(espnet_upstream):
@@ -112,9 +113,8 @@ def test_kv_cache_frame_by_frame_matches_upstream(espnet_upstream):
     for t in range(T):
         got = ours(x[:, t : t + 1], level, kv_cache=cache)
         for b in range(B):
-            for i, hs in enumerate(up_hooks):  # only sample b's hooks active
-                for h in hs:
-                    h.remove()
+            for h in (h for hs in up_hooks for h in hs):  # only sample b's hooks active
+                h.remove()
             up_caches[b], up_hooks[b] = espnet_upstream.net_utils.install_kv_cache_hook(
                 up, up_caches[b]
             )

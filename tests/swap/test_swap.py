@@ -9,13 +9,25 @@ from seqkern.modules.beats import BeatsMultiheadAttention
 from seqkern.modules.valle import ValleNARDecoder
 
 
-
 def _beats_encoder(espnet_upstream):
-    cfg = dict(encoder_layers=2, encoder_embed_dim=32, encoder_ffn_embed_dim=64,
-               encoder_attention_heads=4, embed_dim=16, conv_pos=16, conv_pos_groups=4,
-               relative_position_embedding=True, num_buckets=32, max_distance=64,
-               gru_rel_pos=True, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
-               dropout_input=0.0, encoder_layerdrop=0.0)
+    cfg = dict(
+        encoder_layers=2,
+        encoder_embed_dim=32,
+        encoder_ffn_embed_dim=64,
+        encoder_attention_heads=4,
+        embed_dim=16,
+        conv_pos=16,
+        conv_pos_groups=4,
+        relative_position_embedding=True,
+        num_buckets=32,
+        max_distance=64,
+        gru_rel_pos=True,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        dropout_input=0.0,
+        encoder_layerdrop=0.0,
+    )
     torch.manual_seed(0)
     enc = espnet_upstream.beats.BeatsEncoder(input_size=1, beats_config=cfg)
     with torch.no_grad():  # away from the init, so the bias and gate paths matter
@@ -76,8 +88,9 @@ def test_swap_valle_inside_a_container(espnet_upstream):
     def layer(n_state, n_head, cross=False, causal=False):
         return valle.ResidualAttentionBlockAdaLM(n_state, n_head, cross)
 
-    model = nn.ModuleDict({"nar": valle.ValleNARDecoder(4, 32, 16, 2, 2, causal=False,
-                                                        layer_class=layer)})
+    model = nn.ModuleDict(
+        {"nar": valle.ValleNARDecoder(4, 32, 16, 2, 2, causal=False, layer_class=layer)}
+    )
     model["nar"].mask = None
     with torch.no_grad():
         for p in model.parameters():
@@ -95,8 +108,9 @@ def test_swap_backend_argument_and_nothing_to_swap(espnet_upstream):
     ref = seqkern.swap(mha, backend="reference")  # the root itself is swapped and returned
     assert isinstance(ref, BeatsMultiheadAttention)
     ref(x, x, x)
-    strict = seqkern.swap(espnet_upstream.beats.MultiheadAttention(16, 2, self_attention=True),
-                          backend="triton")
+    strict = seqkern.swap(
+        espnet_upstream.beats.MultiheadAttention(16, 2, self_attention=True), backend="triton"
+    )
     with pytest.raises(seqkern.BackendError, match="relbias_attention"):
         strict(x, x, x)
     with pytest.warns(UserWarning, match="nothing to swap"):

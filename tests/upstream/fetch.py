@@ -81,8 +81,18 @@ def fetch_torchaudio() -> None:
     if not all((dest / rel).exists() for rel in TORCHAUDIO_SHA):
         with tempfile.TemporaryDirectory() as tmp:
             # The .py files are the same in every platform's wheel; pin one so any host works.
-            _pip("download", "--no-deps", "--only-binary=:all:", "--python-version", "3.11",
-                 "--platform", "manylinux_2_28_x86_64", TORCHAUDIO, "-d", tmp)
+            _pip(
+                "download",
+                "--no-deps",
+                "--only-binary=:all:",
+                "--python-version",
+                "3.11",
+                "--platform",
+                "manylinux_2_28_x86_64",
+                TORCHAUDIO,
+                "-d",
+                tmp,
+            )
             (wheel,) = Path(tmp).glob("torchaudio-*.whl")
             with zipfile.ZipFile(wheel) as zf:
                 for name in zf.namelist():
@@ -97,7 +107,9 @@ def fetch_torchaudio() -> None:
 def main() -> int:
     fetch_espnet()
     fetch_torchaudio()
-    print(f"upstream ready: espnet 202506 installed, torchaudio 2.8.0 sources in {torchaudio_dir()}")
+    print(
+        f"upstream ready: espnet 202506 installed, torchaudio 2.8.0 sources in {torchaudio_dir()}"
+    )
     return 0
 
 
