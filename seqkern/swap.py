@@ -73,9 +73,70 @@ def _valle_nar(m: nn.Module) -> nn.Module:
     )
 
 
+_ACTIVATIONS = {"ReLU": "relu", "GELU": "gelu", "SiLU": "silu"}
+
+
+def _activation_name(module: nn.Module) -> str:
+    name = _ACTIVATIONS.get(type(module).__name__)
+    if name is None or getattr(module, "approximate", "none") != "none":
+        raise _CannotSwap(f"activation {module!r} is not one upstream's constructor can make")
+    return name
+
+
+def _emformer_common(m: nn.Module) -> dict:
+    if not len(m.emformer_layers):
+        raise _CannotSwap("no layers")
+    first = m.emformer_layers[0]
+    return dict(
+        input_dim=first.input_dim,
+        num_heads=first.attention.num_heads,
+        num_layers=len(m.emformer_layers),
+        segment_length=m.segment_length,
+        dropout=first.dropout.p,
+        left_context_length=m.left_context_length,
+        right_context_length=m.right_context_length,
+        max_memory_size=m.max_memory_size,
+        weight_init_scale_strategy=None,  # the weights are the instance's anyway
+        tanh_on_mem=first.attention.tanh_on_mem,
+        negative_inf=first.attention.negative_inf,
+    )
+
+
+def _emformer(m: nn.Module) -> nn.Module:
+    from seqkern.modules.emformer import Emformer
+
+    common = _emformer_common(m)
+    first = m.emformer_layers[0]
+    return Emformer(
+        ffn_dim=first.pos_ff[1].out_features,
+        activation=_activation_name(first.pos_ff[2]),
+        **common,
+    )
+
+
+def _conv_emformer(m: nn.Module) -> nn.Module:
+    from seqkern.modules.emformer import ConvEmformer
+
+    common = _emformer_common(m)
+    first = m.emformer_layers[0]
+    return ConvEmformer(
+        ffn_dim=first.ffn0.module[1].out_features,
+        kernel_size=first.kernel_size,
+        ffn_activation=_activation_name(first.ffn0.module[2]),
+        conv_activation=_activation_name(first.conv.post_conv[1]),
+        **common,
+    )
+
+
 RULES: list[SwapRule] = [
     SwapRule("espnet2.asr.encoder.beats_encoder.MultiheadAttention", _beats_mha),
     SwapRule("espnet2.speechlm.module.valle.ValleNARDecoder", _valle_nar),
+    SwapRule("torchaudio.models.emformer.Emformer", _emformer, ("forward", "infer")),
+    SwapRule(
+        "torchaudio.prototype.models.conv_emformer.ConvEmformer",
+        _conv_emformer,
+        ("forward", "infer"),
+    ),
 ]
 
 

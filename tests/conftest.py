@@ -56,7 +56,7 @@ def _load_torchaudio_sources() -> None:
     The package objects are stand-ins whose __path__ points at the unpacked sources, so the
     compiled library (built for torch 2.8) is never loaded.
     """
-    if "torchaudio.prototype.models.conv_emformer" in sys.modules:
+    if "torchaudio.models.rnnt" in sys.modules:
         return
     pkg_root = TORCHAUDIO_DIR / "torchaudio"
     for name in (
@@ -75,7 +75,11 @@ def _load_torchaudio_sources() -> None:
         "torchaudio.compliance.kaldi",
         "torchaudio.models.emformer",
         "torchaudio.prototype.models.conv_emformer",
+        "torchaudio.models.rnnt",  # imports Emformer from the package: set just before
     ):
+        if name == "torchaudio.models.rnnt":
+            emformer = sys.modules["torchaudio.models.emformer"]
+            sys.modules["torchaudio.models"].Emformer = emformer.Emformer
         path = pkg_root.joinpath(*name.split(".")[1:]).with_suffix(".py")
         spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
@@ -94,6 +98,7 @@ def torchaudio_upstream():
     return types.SimpleNamespace(
         emformer=sys.modules["torchaudio.models.emformer"],
         conv_emformer=sys.modules["torchaudio.prototype.models.conv_emformer"],
+        rnnt=sys.modules["torchaudio.models.rnnt"],
     )
 
 

@@ -118,3 +118,90 @@ def test_swap_backend_argument_and_nothing_to_swap(espnet_upstream):
         assert seqkern.swap(plain) is plain
     with pytest.raises(ValueError, match="unknown backend"):
         seqkern.swap(plain, backend="gpu")
+
+
+def _perturbed(module, seed=0, scale=0.05):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen))
+    return module.eval()
+
+
+def test_swap_torchaudio_rnnt_emformer_transcriber(torchaudio_upstream):
+    from seqkern.modules.emformer import Emformer
+
+    torch.manual_seed(0)
+    rnnt = torchaudio_upstream.rnnt.emformer_rnnt_model(
+        input_dim=20,
+        encoding_dim=16,
+        num_symbols=11,
+        segment_length=4,
+        right_context_length=2,
+        time_reduction_input_dim=24,
+        time_reduction_stride=2,
+        transformer_num_heads=3,
+        transformer_ffn_dim=32,
+        transformer_num_layers=2,
+        transformer_dropout=0.0,
+        transformer_activation="gelu",
+        transformer_left_context_length=3,
+        transformer_max_memory_size=2,
+        transformer_weight_init_scale_strategy="depthwise",
+        transformer_tanh_on_mem=True,
+        symbol_embedding_dim=12,
+        num_lstm_layers=1,
+        lstm_layer_norm=True,
+        lstm_layer_norm_epsilon=1e-5,
+        lstm_dropout=0.0,
+    )
+    _perturbed(rnnt)
+    feats = torch.randn(2, 28, 20)
+    lengths = torch.tensor([28, 22])
+    targets = torch.randint(0, 11, (2, 5))
+    tlens = torch.tensor([5, 4])
+    want = rnnt(feats, lengths, targets, tlens)
+    keys = list(rnnt.state_dict())
+    seqkern.swap(rnnt)
+    assert isinstance(rnnt.transcriber.transformer, Emformer)
+    assert list(rnnt.state_dict()) == keys
+    got = rnnt(feats, lengths, targets, tlens)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    # streaming through the swapped transcriber, as torchaudio's RNNTBeamSearch drives it
+    # segment 4 + right context 2 input frames (the transcriber reduces time by 2 itself)
+    chunk = torch.randn(2, 4 + 2, 20)
+    seqkern.unswap(rnnt)
+    want_out, want_len, want_state = rnnt.transcribe_streaming(chunk, torch.tensor([6, 6]), None)
+    seqkern.swap(rnnt)
+    out, out_len, state = rnnt.transcribe_streaming(chunk, torch.tensor([6, 6]), None)
+    torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)
+    for a, b in zip(state, want_state, strict=True):
+        for x, y in zip(a, b, strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+
+def test_swap_conv_emformer(torchaudio_upstream):
+    from seqkern.modules.emformer import ConvEmformer
+
+    torch.manual_seed(0)
+    with pytest.warns(Warning):  # torchaudio 2.8's deprecation notice
+        up = torchaudio_upstream.conv_emformer.ConvEmformer(
+            16,
+            2,
+            24,
+            2,
+            segment_length=4,
+            kernel_size=3,
+            ffn_activation="gelu",
+            left_context_length=2,
+            right_context_length=1,
+            max_memory_size=2,
+            conv_activation="relu",
+        )
+    _perturbed(up, seed=1)
+    x, lengths = torch.randn(2, 13, 16), torch.tensor([12, 10])
+    want = up(x, lengths)
+    swapped = seqkern.swap(nn.Sequential(up))[0]
+    assert isinstance(swapped, ConvEmformer)
+    got = swapped(x, lengths)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
