@@ -128,9 +128,85 @@ def _conv_emformer(m: nn.Module) -> nn.Module:
     )
 
 
+def _mega_activation(act: nn.Module) -> tuple[str, dict]:
+    """(activation_type, activation_args) of ESPnet's get_activation that builds `act`."""
+    kind = type(act).__name__
+    if kind == "Swish":
+        return "swish", {"swish_beta": act.beta}
+    if kind == "FTSwish":
+        return "ftswish", {"ftswish_threshold": act.threshold, "ftswish_mean_shift": act.mean_shift}
+    if kind == "Smish":
+        return "smish", {"smish_alpha": act.alpha, "smish_beta": act.beta}
+    if kind == "Mish":
+        if hasattr(act, "softplus"):
+            raise _CannotSwap("Mish without torch's builtin (torch < 1.9) is not supported")
+        return "mish", {}
+    if kind == "Hardtanh":
+        return "hardtanh", {"hardtanh_min_val": act.min_val, "hardtanh_max_val": act.max_val}
+    if kind == "LeakyReLU":
+        return "leaky_relu", {"leakyrelu_neg_slope": act.negative_slope}
+    simple = {"ReLU": "relu", "SELU": "selu", "Tanh": "tanh", "Identity": "identity"}
+    if kind in simple:
+        return simple[kind], {}
+    raise _CannotSwap(f"activation {kind} is not one ESPnet's get_activation makes")
+
+
+def _mega_normalization(norm: nn.Module) -> tuple[str, dict]:
+    """(normalization_type, normalization_args) of ESPnet's get_normalization for `norm`."""
+    kind = type(norm).__name__
+    if kind == "LayerNorm":
+        return "layer_norm", {"eps": norm.eps}
+    if kind == "RMSNorm":
+        return "rms_norm", {"eps": norm.eps, "partial": norm.p}
+    if kind == "ScaleNorm":
+        return "scale_norm", {"eps": norm.eps}
+    if kind == "BasicNorm":
+        return "basic_norm", {}  # its eps is a learned parameter, adopted with the rest
+    raise _CannotSwap(f"normalization {kind} is not one ESPnet's get_normalization makes")
+
+
+def _mega_decoder(m: nn.Module) -> nn.Module:
+    from seqkern.modules.mega import MEGADecoder
+
+    if not len(m.mega_blocks):
+        raise _CannotSwap("no blocks")
+    mega, ffn = m.mega_blocks[0]
+    activation_type, activation_args = _mega_activation(mega.activation)
+    normalization_type, normalization_args = _mega_normalization(m.final_norm)
+    rotary = type(mega.rel_pos_bias).__name__ == "RotaryRelativePositionBias"
+    return MEGADecoder(
+        vocab_size=m.vocab_size,
+        block_size=m.output_size,
+        linear_size=ffn.linear1.out_features,
+        qk_size=m.mega_att_k_size,
+        v_size=m.mega_att_v_size,
+        num_heads=m.mega_num_heads,
+        rel_pos_bias_type="rotary" if rotary else "simple",
+        max_positions=mega.rel_pos_bias.max_positions,
+        truncation_length=mega.multihead_damped_ema.truncation_length,
+        normalization_type=normalization_type,
+        normalization_args=normalization_args,
+        activation_type=activation_type,
+        activation_args=activation_args,
+        chunk_size=m.chunk_size,
+        num_blocks=m.num_blocks,
+        dropout_rate=mega.dropout.p,
+        embed_dropout_rate=m.dropout_embed.p,
+        att_dropout_rate=mega.dropout_attn.p,
+        ema_dropout_rate=mega.dropout_ema.p,
+        ffn_dropout_rate=ffn.dropout.p,
+        embed_pad=m.pad_idx,
+    )
+
+
 RULES: list[SwapRule] = [
     SwapRule("espnet2.asr.encoder.beats_encoder.MultiheadAttention", _beats_mha),
     SwapRule("espnet2.speechlm.module.valle.ValleNARDecoder", _valle_nar),
+    SwapRule(
+        "espnet2.asr_transducer.decoder.mega_decoder.MEGADecoder",
+        _mega_decoder,
+        ("forward", "inference", "score", "batch_score"),
+    ),
     SwapRule("torchaudio.models.emformer.Emformer", _emformer, ("forward", "infer")),
     SwapRule(
         "torchaudio.prototype.models.conv_emformer.ConvEmformer",
@@ -171,7 +247,10 @@ def _adopt_tensors(new: nn.Module, old: nn.Module) -> None:
             target._buffers[leaf] = buf
     # Same registration order as the original, so state_dict() lists the keys in its order.
     for name, old_sub in old.named_modules(remove_duplicate=False):
-        new_sub = new.get_submodule(name)
+        try:
+            new_sub = new.get_submodule(name)
+        except AttributeError:  # parameter-free internals may differ (e.g. an activation's)
+            continue
         for attr in ("_parameters", "_buffers", "_modules"):
             mine, theirs = getattr(new_sub, attr), getattr(old_sub, attr)
             order = [k for k in theirs if k in mine] + [k for k in mine if k not in theirs]

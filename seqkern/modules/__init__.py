@@ -2,6 +2,7 @@
 
 from seqkern.modules.beats import BeatsMultiheadAttention
 from seqkern.modules.emformer import ConvEmformer, Emformer
+from seqkern.modules.mega import MEGADecoder
 from seqkern.modules.sequence import SequenceIdentity, SequenceModule, TransposedModule
 from seqkern.modules.valle import ValleNARDecoder
 
@@ -9,6 +10,7 @@ __all__ = [
     "BeatsMultiheadAttention",
     "ConvEmformer",
     "Emformer",
+    "MEGADecoder",
     "SequenceIdentity",
     "SequenceModule",
     "TransposedModule",

@@ -205,3 +205,93 @@ def test_swap_conv_emformer(torchaudio_upstream):
     assert isinstance(swapped, ConvEmformer)
     got = swapped(x, lengths)
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+
+
+MEGA_SMALL = dict(
+    vocab_size=11,
+    block_size=24,
+    linear_size=28,
+    qk_size=8,
+    v_size=20,
+    num_heads=2,
+    num_blocks=2,
+    max_positions=40,
+)
+MEGA_CONFIGS = [
+    dict(),
+    dict(
+        chunk_size=4,
+        rel_pos_bias_type="rotary",
+        normalization_type="rms_norm",
+        normalization_args={"partial": 0.5},
+        activation_type="smish",
+        activation_args={"smish_alpha": 1.5, "smish_beta": 0.7},
+    ),
+    dict(
+        truncation_length=3,
+        normalization_type="scale_norm",
+        activation_type="ftswish",
+        activation_args={"ftswish_threshold": -0.3, "ftswish_mean_shift": 0.1},
+    ),
+    dict(
+        normalization_type="basic_norm",
+        activation_type="hardtanh",
+        activation_args={"hardtanh_min_val": -0.5, "hardtanh_max_val": 2.0},
+        embed_pad=3,
+    ),
+    dict(
+        activation_type="swish",
+        activation_args={"swish_beta": 1.5},
+        normalization_args={"eps": 1e-5},
+        chunk_size=5,
+    ),
+    dict(activation_type="leaky_relu", activation_args={"leakyrelu_neg_slope": 0.2}),
+    dict(activation_type="mish"),
+]
+
+
+@pytest.mark.parametrize("cfg", MEGA_CONFIGS, ids=range(len(MEGA_CONFIGS)))
+def test_swap_mega_decoder_with_beam_search(espnet_upstream, cfg):
+    import copy
+
+    from espnet2.asr_transducer.joint_network import JointNetwork
+
+    from seqkern.modules.mega import MEGADecoder
+
+    torch.manual_seed(0)
+    dec = _perturbed(espnet_upstream.mega_decoder.MEGADecoder(**MEGA_SMALL, **cfg), seed=2)
+    joint = _perturbed(JointNetwork(11, 12, 24, joint_space_size=16), seed=3)
+    model = nn.ModuleDict({"decoder": dec, "joint_network": joint})
+    labels = torch.tensor([[0, 3, 5, 7, 2, 1, 9], [0, 4, 4, 1, 3, 0, 0]])
+    enc = torch.randn(5, 12)
+    bs = espnet_upstream.beam_search.BeamSearchTransducer
+    with torch.no_grad():
+        want = model["decoder"](labels)
+        want_hyps = bs(
+            model["decoder"],
+            copy.deepcopy(joint),
+            beam_size=3,
+            nbest=3,
+            search_type="maes",
+            expansion_beta=1,
+        )(enc)
+    keys = list(model.state_dict())
+    params = dict(model.named_parameters(remove_duplicate=False))
+    seqkern.swap(model)
+    assert isinstance(model["decoder"], MEGADecoder)
+    assert list(model.state_dict()) == keys
+    for n, p in model.named_parameters(remove_duplicate=False):
+        assert p is params[n], n
+    with torch.no_grad():
+        torch.testing.assert_close(model["decoder"](labels), want, rtol=1e-5, atol=1e-5)
+        hyps = bs(
+            model["decoder"],
+            copy.deepcopy(joint),
+            beam_size=3,
+            nbest=3,
+            search_type="maes",
+            expansion_beta=1,
+        )(enc)
+    assert [h.yseq for h in hyps] == [h.yseq for h in want_hyps]
+    for a, b in zip(hyps, want_hyps, strict=True):
+        assert a.score == pytest.approx(b.score, rel=1e-5, abs=1e-5)
