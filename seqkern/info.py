@@ -79,15 +79,22 @@ def report() -> str:
     header = "op".ljust(width) + "  " + "  ".join(b.ljust(9) for b in backends.BACKENDS)
     lines += [header, "-" * len(header)]
     notes: list[str] = []
+    any_missing = False
     for op in ops:
         cells = []
+        kernels = backends.kernels(op)
         for name, why in availability(op).items():
             if why is None:
                 cells.append("yes".ljust(9))
+            elif name not in kernels:
+                any_missing = True
+                cells.append("-".ljust(9))
             else:
                 notes.append(f"  {op} / {name}: {why}")
                 cells.append(f"no [{len(notes)}]".ljust(9))
-        lines.append(op.ljust(width) + "  " + "  ".join(cells))
+        lines.append((op.ljust(width) + "  " + "  ".join(cells)).rstrip())
+    if any_missing:
+        lines += ["", "-: no kernel for this op on this backend yet (the reference runs it)"]
     if notes:
         lines += ["", "why not:"] + [f"  [{i}]{n[1:]}" for i, n in enumerate(notes, 1)]
     return "\n".join(lines)
