@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from seqkern.ops.relbias import relbias_attention
-from seqkern.reference.relbias import ALPHA, relative_position_bucket
+from seqkern.reference.relbias import ALPHA, expand_rel_bias, relative_position_bucket
 
 IncrementalState = dict[str, dict[str, Tensor | None]]
 
@@ -111,15 +111,19 @@ class BeatsMultiheadAttention(nn.Module):
 
     # -- relative position bias --------------------------------------------------------------
 
+    def compute_rel_bias(self, query_length: int, key_length: int, query_offset: int = 0) -> Tensor:
+        """Ungated bias per relative distance, (H, T + S - 1): entry j - i + T - 1 is the bias of
+        query i (at position offset + i) and key j. O(H * T): no T x S tensor."""
+        device = self.relative_attention_bias.weight.device
+        distance = torch.arange(query_length + key_length - 1, device=device)
+        distance = distance - (query_length - 1) - query_offset  # key pos - query pos
+        bucket = relative_position_bucket(distance, self.num_buckets, self.max_distance)
+        return self.relative_attention_bias(bucket).transpose(0, 1)
+
     def compute_bias(self, query_length: int, key_length: int, query_offset: int = 0) -> Tensor:
         """Ungated bias (H, T, S) for queries at positions offset..offset+T-1, keys 0..S-1."""
-        device = self.relative_attention_bias.weight.device
-        context = torch.arange(query_offset, query_offset + query_length, device=device)
-        memory = torch.arange(key_length, device=device)
-        bucket = relative_position_bucket(
-            memory[None, :] - context[:, None], self.num_buckets, self.max_distance
-        )
-        return self.relative_attention_bias(bucket).permute(2, 0, 1)
+        rel = self.compute_rel_bias(query_length, key_length, query_offset)
+        return expand_rel_bias(rel, query_length, key_length)
 
     # -- fairseq incremental state --------------------------------------------------------------
 
@@ -260,14 +264,19 @@ class BeatsMultiheadAttention(nn.Module):
                 f"{tuple(key_padding_mask.shape)}"
             )
 
-        # The position bias as upstream returns it: ungated, (B * H, T, S_keys).
+        # The position bias as upstream returns it: ungated, (B * H, T, S_keys). The attention
+        # itself gets the compact per-distance form when no extra key column is involved.
+        rel_bias = None
         if self.has_relative_attention_bias and position_bias is None:
             n_keys = src_len - int(self.bias_k is not None) - int(self.add_zero_attn)
             # new queries sit after the prev_len cached keys (self-attention decoding)
             offset = 0 if static_kv else prev_len
-            values = self.compute_bias(tgt_len, n_keys, offset)  # (H, T, S)
+            rel_bias = self.compute_rel_bias(tgt_len, n_keys, offset)  # (H, T + S - 1)
+            values = expand_rel_bias(rel_bias, tgt_len, n_keys)  # (H, T, S)
             position_bias = values.unsqueeze(0).expand(bsz, -1, -1, -1)
             position_bias = position_bias.reshape(bsz * self.num_heads, tgt_len, n_keys)
+            if n_keys != src_len:
+                rel_bias = None
 
         if before_softmax:
             logits = torch.matmul(q * (self.scaling / ALPHA), k.transpose(-1, -2))
@@ -286,9 +295,10 @@ class BeatsMultiheadAttention(nn.Module):
 
         bias = gate = None
         if position_bias is not None:
-            bias = position_bias.reshape(bsz, self.num_heads, tgt_len, -1)
-            if bias.size(-1) < src_len:  # the extra bias_kv / zero-attn keys get no bias
-                bias = torch.nn.functional.pad(bias, (0, src_len - bias.size(-1)))
+            if rel_bias is None:
+                bias = position_bias.reshape(bsz, self.num_heads, tgt_len, -1)
+                if bias.size(-1) < src_len:  # the extra bias_kv / zero-attn keys get no bias
+                    bias = torch.nn.functional.pad(bias, (0, src_len - bias.size(-1)))
             if self.gru_rel_pos:
                 groups = self.grep_linear(q).view(bsz, self.num_heads, tgt_len, 2, 4).sum(-1)
                 gate_a, gate_b = torch.sigmoid(groups).chunk(2, dim=-1)
@@ -305,6 +315,7 @@ class BeatsMultiheadAttention(nn.Module):
             key_padding_mask=key_padding_mask,
             dropout_p=self.dropout_module.p if self.training else 0.0,
             need_weights=need_weights,
+            rel_bias=rel_bias,
         )
         attn = self.out_proj(out.permute(2, 0, 1, 3).reshape(tgt_len, bsz, self.embed_dim))
         weights = None

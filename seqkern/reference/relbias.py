@@ -34,6 +34,13 @@ def relative_position_bucket(
     return bucket + torch.where(distance < max_exact, distance, large)
 
 
+def expand_rel_bias(rel_bias: Tensor, T: int, S: int) -> Tensor:
+    """(H, T + S - 1) bias per relative distance -> (H, T, S), entry [h, i, j] at j - i + T - 1."""
+    device = rel_bias.device
+    idx = torch.arange(S, device=device)[None, :] - torch.arange(T, device=device)[:, None]
+    return rel_bias[:, idx + T - 1]
+
+
 def relbias_attention_ref(
     q: Tensor,
     k: Tensor,
@@ -45,6 +52,7 @@ def relbias_attention_ref(
     key_padding_mask: Tensor | None = None,
     dropout_p: float = 0.0,
     need_weights: bool = False,
+    rel_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Attention with an additive, optionally gated, relative-position bias.
 
@@ -58,6 +66,8 @@ def relbias_attention_ref(
         q: (B, H, T, hd); k, v: (B, H, S, hd).
         scale: usually hd ** -0.5.
         bias: the ungated bias, broadcastable to (B, H, T, S) (e.g. (1, H, T, S)).
+        rel_bias: instead of `bias`, the bias per relative distance, (H, T + S - 1), with
+            bias[h, i, j] = rel_bias[h, j - i + T - 1] (BEATs' buckets depend on j - i only).
         gate: (B, H, T, 1) multiplies `bias` (BEATs' gru_rel_pos); None for no gate.
         attn_mask: (T, S) additive float mask.
         key_padding_mask: (B, S), True (or 1) = padding.
@@ -67,6 +77,10 @@ def relbias_attention_ref(
         out (B, H, T, hd), and probs (B, H, T, S) or None. A query row whose keys are all
         padding gives 0 and zero probabilities (upstream gives NaN).
     """
+    if rel_bias is not None:
+        if bias is not None:
+            raise ValueError("give bias or rel_bias, not both")
+        bias = expand_rel_bias(rel_bias, q.shape[-2], k.shape[-2])
     logits = torch.matmul(q * (scale / ALPHA), k.transpose(-1, -2))
     logits = (logits - logits.amax(dim=-1, keepdim=True)) * ALPHA
     if attn_mask is not None:
