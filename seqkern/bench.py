@@ -34,7 +34,7 @@ from seqkern import backends
 from seqkern.testing import max_abs_error
 
 DIRECTIONS = ("fwd", "bwd")
-BASELINES = ("upstream", "compile", "sdpa", "flex")
+BASELINES = ("upstream", "compile", "sdpa", "flex", "sdpa_nobias")
 
 
 @dataclass
@@ -47,9 +47,10 @@ class Case:
 class Provider:
     """A way to compute the op: `fn(*inputs) -> output`, with an optional backend setting."""
 
-    provider: str  # seqkern | upstream | compile | sdpa | flex
+    provider: str  # seqkern | upstream | compile | sdpa | flex | sdpa_nobias
     fn: Callable[..., Tensor]
     backend: str | None = None  # the seqkern backend, for provider == "seqkern"
+    exact: bool = True  # False: a reference point computing a different function (no max_err)
 
     @property
     def label(self) -> str:
@@ -69,6 +70,7 @@ class OpBench:
     bytes: Callable[[Case, torch.dtype, str], int]
     flops: Callable[[Case, str], int]
     notes: list[str] = field(default_factory=list)
+    oracle_dtype: torch.dtype = torch.float64  # float32 where float64 would not fit in memory
 
 
 # --------------------------------------------------------------------------------------------
@@ -133,6 +135,128 @@ def _adaln_flops(case: Case, direction: str) -> int:
     return (7 if direction == "fwd" else 11) * n
 
 
+# --------------------------------------------------------------------------------------------
+# BEATs relative-position-bias attention
+
+
+def _relbias_cases(quick: bool, device: torch.device) -> list[Case]:
+    if quick:
+        return [Case("B2-H2-T40-hd16", dict(B=2, H=2, T=40, hd=16))]
+    # BEATs: 12 heads of 64, B * T ~ 16k frames
+    return [
+        Case(f"B{B}-H12-T{T}-hd64", dict(B=B, H=12, T=T, hd=64))
+        for B, T in ((32, 500), (10, 1500), (5, 3000))
+    ]
+
+
+def _relbias_inputs(case: Case, dtype: torch.dtype, device: torch.device):
+    p = case.params
+    B, H, T, hd = p["B"], p["H"], p["T"], p["hd"]
+    gen = torch.Generator().manual_seed(0)
+
+    def rnd(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=gen)).to(device=device, dtype=dtype)
+
+    q, k, v = rnd(B, H, T, hd), rnd(B, H, T, hd), rnd(B, H, T, hd)
+    rel = rnd(H, 2 * T - 1, scale=0.5)
+    gate = (0.5 + torch.rand(B, H, T, 1, generator=gen)).to(device=device, dtype=dtype)
+    lengths = T - torch.arange(B) * (T // (2 * B))  # ragged, every row has keys
+    kpm = (torch.arange(T)[None] >= lengths[:, None]).to(device)
+    for t in (q, k, v, rel, gate):
+        t.requires_grad_()
+    return [q, k, v, rel, gate, kpm], rnd(B, H, T, hd)
+
+
+def _relbias_oracle(q, k, v, rel, gate, kpm):
+    from seqkern.reference.relbias import relbias_attention_ref
+
+    scale = q.shape[-1] ** -0.5
+    return relbias_attention_ref(q, k, v, scale, gate=gate, key_padding_mask=kpm, rel_bias=rel)[0]
+
+
+def _relbias_public(q, k, v, rel, gate, kpm):
+    from seqkern.ops.relbias import relbias_attention
+
+    scale = q.shape[-1] ** -0.5
+    return relbias_attention(q, k, v, scale, gate=gate, key_padding_mask=kpm, rel_bias=rel)[0]
+
+
+def _dense_bias(rel: Tensor, T: int) -> Tensor:
+    from seqkern.reference.relbias import expand_rel_bias
+
+    return expand_rel_bias(rel, T, T).unsqueeze(0)  # (1, H, T, T)
+
+
+def _relbias_upstream(q, k, v, rel, gate, kpm):
+    # upstream materialises the bias, repeated over the batch, and runs eager attention
+    from seqkern.reference.relbias import relbias_attention_ref
+
+    B, H, T, _ = q.shape
+    bias = _dense_bias(rel, T).expand(B, H, T, T).contiguous()
+    return relbias_attention_ref(
+        q, k, v, q.shape[-1] ** -0.5, bias=bias, gate=gate, key_padding_mask=kpm
+    )[0]
+
+
+def _relbias_sdpa(q, k, v, rel, gate, kpm):
+    T = q.shape[2]
+    mask = gate * _dense_bias(rel, T)
+    mask = mask.masked_fill(kpm[:, None, None, :], float("-inf"))
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def _relbias_sdpa_nobias(q, k, v, rel, gate, kpm):
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+def _relbias_flex_provider() -> Provider | None:
+    try:
+        from torch.nn.attention.flex_attention import flex_attention
+    except ImportError:
+        return None
+    _raise_recompile_limit()
+    flex = torch.compile(flex_attention, dynamic=False)
+
+    def run(q, k, v, rel, gate, kpm):
+        T = q.shape[2]
+        lengths = (~kpm).sum(-1)
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            bias = gate[b, h, q_idx, 0] * rel[h, kv_idx - q_idx + T - 1]
+            return torch.where(kv_idx < lengths[b], score + bias, float("-inf"))
+
+        return flex(q, k, v, score_mod=score_mod)
+
+    return Provider("flex", run)
+
+
+def _relbias_baselines(device: torch.device, quick: bool) -> list[Provider]:
+    out = [
+        Provider("upstream", _relbias_upstream),
+        Provider("sdpa", _relbias_sdpa),
+        Provider("sdpa_nobias", _relbias_sdpa_nobias, exact=False),
+    ]
+    if device.type == "cuda":
+        out.append(_compile_provider(_relbias_oracle))
+        flex = _relbias_flex_provider()
+        if flex is not None:
+            out.append(flex)
+    return out
+
+
+def _relbias_bytes(case: Case, dtype: torch.dtype, direction: str) -> int:
+    p = case.params
+    es = torch.finfo(dtype).bits // 8
+    qkvo = p["B"] * p["H"] * p["T"] * p["hd"]
+    return es * qkvo * (4 if direction == "fwd" else 8)  # q,k,v,o (+ do, dq, dk, dv)
+
+
+def _relbias_flops(case: Case, direction: str) -> int:
+    p = case.params
+    fwd = 4 * p["B"] * p["H"] * p["T"] ** 2 * p["hd"]
+    return fwd if direction == "fwd" else int(2.5 * fwd)  # flash-attention's convention
+
+
 SPECS: dict[str, OpBench] = {
     "adaln": OpBench(
         op="adaln",
@@ -143,6 +267,17 @@ SPECS: dict[str, OpBench] = {
         baselines=_adaln_baselines,
         bytes=_adaln_bytes,
         flops=_adaln_flops,
+    ),
+    "relbias_attention": OpBench(
+        op="relbias_attention",
+        cases=_relbias_cases,
+        make_inputs=_relbias_inputs,
+        oracle=_relbias_oracle,
+        public=_relbias_public,
+        baselines=_relbias_baselines,
+        bytes=_relbias_bytes,
+        flops=_relbias_flops,
+        oracle_dtype=torch.float32,
     ),
 }
 
@@ -286,15 +421,23 @@ def _run_provider(
                             return prov.fn(*inputs)
 
                     out = fn()
-                    row["max_err"] = max_abs_error(out, oracle_y)
+                    row["max_err"] = max_abs_error(out, oracle_y) if prov.exact else None
                 else:
                     y = prov.fn(*inputs)
+                    diff = [t for t in inputs if t.requires_grad]
 
-                    def fn(y=y):
-                        return torch.autograd.grad(y, inputs, dy, retain_graph=True)
+                    def fn(y=y, diff=diff):
+                        return torch.autograd.grad(
+                            y, diff, dy, retain_graph=True, allow_unused=True
+                        )
 
                     grads = fn()
-                    row["max_err"] = max(max_abs_error(g, o) for g, o in zip(grads, oracle_grads))
+                    if prov.exact:
+                        row["max_err"] = max(
+                            max_abs_error(g, o)
+                            for g, o in zip(grads, oracle_grads)
+                            if g is not None
+                        )
                 _sync(device)
                 row["ms"] = time_ms(fn, device, quick)
                 row["peak_mem_mb"] = _peak_mem_mb(fn, device)
@@ -344,19 +487,23 @@ def run(
     bar = _Progress(sum(len(p[3]) for p in plan), progress)
     rows: list[dict] = []
     for spec, case, dtype, provs in plan:
-        inputs, dy = spec.make_inputs(case, dtype, device)
-        inputs64 = [t.detach().double().requires_grad_() for t in inputs]
+        inputs, dy = spec.make_inputs(case, dtype, device)  # float inputs require grad
+        inputs64 = [
+            t.detach().to(spec.oracle_dtype).requires_grad_() if t.requires_grad else t
+            for t in inputs
+        ]
         oracle_y = spec.oracle(*inputs64)
-        oracle_grads = torch.autograd.grad(oracle_y, inputs64, dy.double())
+        oracle_grads = torch.autograd.grad(
+            oracle_y, [t for t in inputs64 if t.requires_grad], dy.to(spec.oracle_dtype)
+        )
         # The reference's own error in this dtype: the yardstick the tests use.
         y_dt = spec.oracle(*inputs)
+        ref_grads = torch.autograd.grad(y_dt, [t for t in inputs if t.requires_grad], dy)
         ref_error = {
             "fwd": max_abs_error(y_dt, oracle_y),
-            "bwd": max(
-                max_abs_error(g, o)
-                for g, o in zip(torch.autograd.grad(y_dt, inputs, dy), oracle_grads)
-            ),
+            "bwd": max(max_abs_error(g, o) for g, o in zip(ref_grads, oracle_grads)),
         }
+        del ref_grads
         del y_dt
         for prov in provs:
             rows += _run_provider(
@@ -426,6 +573,7 @@ def _fmt(v, spec: str) -> str:
 
 
 def table(rows: list[dict]) -> str:
+    present = [b for b in BASELINES if any(r["provider"] == b for r in rows)]
     head = [
         "op",
         "case",
@@ -438,9 +586,7 @@ def table(rows: list[dict]) -> str:
         "peak MB",
         "max err",
         "ref err",
-        "vs upstream",
-        "vs compile",
-    ]
+    ] + [f"vs {b}" for b in present]
     body = []
     for r in rows:
         label = f"seqkern[{r['backend']}]" if r.get("backend") else r["provider"]
@@ -458,9 +604,8 @@ def table(rows: list[dict]) -> str:
                 _fmt(r["peak_mem_mb"], ".1f"),
                 _fmt(r["max_err"], ".1e"),
                 _fmt(r.get("ref_err_same_dtype"), ".1e"),
-                _fmt(ratios.get("upstream"), ".2f") + ("x" if "upstream" in ratios else ""),
-                _fmt(ratios.get("compile"), ".2f") + ("x" if "compile" in ratios else ""),
             ]
+            + [_fmt(ratios.get(b), ".2f") + ("x" if b in ratios else "") for b in present]
         )
         if r.get("error"):
             body[-1][5] = "ERROR"

@@ -9,7 +9,6 @@ import torch
 
 from seqkern import BackendError, use_backend
 from seqkern.ops.relbias import relbias_attention
-from seqkern.reference.relbias import relbias_attention_ref
 from seqkern.testing import assert_close_to_oracle
 
 # (B, H, T, S, hd, bias form, gate, attn_mask, padding)
