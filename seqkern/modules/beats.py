@@ -17,7 +17,7 @@ import uuid
 import torch
 from torch import Tensor, nn
 
-from seqkern.ops.relbias import relbias_attention
+from seqkern.ops.relbias import RelativePositionBias, relbias_attention
 from seqkern.reference.relbias import ALPHA, expand_rel_bias, relative_position_bucket
 
 IncrementalState = dict[str, dict[str, Tensor | None]]
@@ -266,19 +266,21 @@ class BeatsMultiheadAttention(nn.Module):
 
         # The position bias as upstream returns it: ungated, (B * H, T, S_keys). The attention
         # itself gets the compact per-distance form when no extra key column is involved.
+        # A RelativePositionBias handle (from this or an earlier seqkern layer) keeps it compact.
         rel_bias = None
         if self.has_relative_attention_bias and position_bias is None:
             n_keys = src_len - int(self.bias_k is not None) - int(self.add_zero_attn)
             # new queries sit after the prev_len cached keys (self-attention decoding)
             offset = 0 if static_kv else prev_len
-            rel_bias = self.compute_rel_bias(tgt_len, n_keys, offset)  # (H, T + S - 1)
-            values = expand_rel_bias(rel_bias, tgt_len, n_keys)  # (H, T, S)
-            position_bias = values.unsqueeze(0).expand(bsz, -1, -1, -1)
-            position_bias = position_bias.reshape(bsz * self.num_heads, tgt_len, n_keys)
-            if n_keys != src_len:
-                rel_bias = None
+            rel = self.compute_rel_bias(tgt_len, n_keys, offset)  # (H, T + S - 1)
+            position_bias = RelativePositionBias(rel, bsz, tgt_len, n_keys)
+        if isinstance(position_bias, RelativePositionBias):
+            if position_bias.shape[-1] == src_len and position_bias.batch == bsz:
+                rel_bias = position_bias.rel_bias
 
         if before_softmax:
+            if isinstance(position_bias, RelativePositionBias):
+                position_bias = position_bias.materialize()
             logits = torch.matmul(q * (self.scaling / ALPHA), k.transpose(-1, -2))
             logits = (logits - logits.amax(dim=-1, keepdim=True)) * ALPHA
             if attn_mask is not None:
@@ -295,7 +297,7 @@ class BeatsMultiheadAttention(nn.Module):
 
         bias = gate = None
         if position_bias is not None:
-            if rel_bias is None:
+            if rel_bias is None:  # materialises a RelativePositionBias if it does not fit
                 bias = position_bias.reshape(bsz, self.num_heads, tgt_len, -1)
                 if bias.size(-1) < src_len:  # the extra bias_kv / zero-attn keys get no bias
                     bias = torch.nn.functional.pad(bias, (0, src_len - bias.size(-1)))

@@ -16,6 +16,88 @@ from seqkern.reference.relbias import relbias_attention_ref
 OP = "relbias_attention"
 backends.register_reference(OP, relbias_attention_ref)
 
+# Tensor methods answered from the wrapper's own metadata, without materialising.
+_METADATA = {
+    torch.Tensor.size,
+    torch.Tensor.dim,
+    torch.Tensor.numel,
+    torch.Tensor.__len__,
+    torch.Tensor.shape.__get__,
+    torch.Tensor.dtype.__get__,
+    torch.Tensor.device.__get__,
+    torch.Tensor.ndim.__get__,
+    torch.Tensor.is_cuda.__get__,
+    torch.Tensor.requires_grad.__get__,
+    torch.Tensor.is_floating_point,
+    torch.Tensor.element_size,
+    torch.Tensor.get_device,
+}
+
+
+class RelativePositionBias(torch.Tensor):
+    """A (B * H, T, S) position bias that stores only its (H, T + S - 1) per-distance form.
+
+    BEATs' first attention layer returns its ungated bias for the next layers. seqkern's layers
+    read `.rel_bias` from this handle and never build the T x S tensor; any other consumer sees
+    an ordinary tensor: every torch function materialises it first (above autograd, so the
+    gradient still reaches `rel_bias`). `materialize()` builds it explicitly.
+    """
+
+    rel_bias: Tensor
+    batch: int
+
+    @staticmethod
+    def __new__(cls, rel_bias: Tensor, batch: int, query_length: int, key_length: int):
+        heads = rel_bias.shape[0]
+        self = torch.Tensor._make_wrapper_subclass(
+            cls,
+            (batch * heads, query_length, key_length),
+            dtype=rel_bias.dtype,
+            device=rel_bias.device,
+        )
+        self.rel_bias, self.batch = rel_bias, batch
+        return self
+
+    def __init__(self, rel_bias, batch, query_length, key_length):
+        super().__init__()
+
+    def materialize(self) -> Tensor:
+        from seqkern.reference.relbias import expand_rel_bias
+
+        heads = self.rel_bias.shape[0]
+        _, T, S = self.shape
+        values = expand_rel_bias(self.rel_bias, T, S).unsqueeze(0)
+        return values.expand(self.batch, heads, T, S).reshape(self.batch * heads, T, S)
+
+    def __repr__(self) -> str:
+        shape, compact = tuple(self.shape), tuple(self.rel_bias.shape)
+        return f"RelativePositionBias(shape={shape}, rel_bias={compact})"
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _METADATA:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+
+        def unwrap(x):
+            return x.materialize() if isinstance(x, RelativePositionBias) else x
+
+        args = torch.utils._pytree.tree_map(unwrap, args)
+        kwargs = torch.utils._pytree.tree_map(unwrap, kwargs)
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        # Reached only through paths that bypass __torch_function__: materialise, no autograd.
+        def unwrap(x):
+            return x.materialize() if isinstance(x, RelativePositionBias) else x
+
+        args = torch.utils._pytree.tree_map(unwrap, args)
+        kwargs = torch.utils._pytree.tree_map(unwrap, kwargs or {})
+        return func(*args, **kwargs)
+
 
 class RelbiasAttentionFunction(torch.autograd.Function):
     """Runs a backend's fused forward and backward (the reference needs no Function)."""

@@ -162,3 +162,113 @@ def test_beats_module_on_triton_matches_reference():
     torch.testing.assert_close(pb1, pb0)
     for x0, x1 in zip(g0, g1, strict=True):
         torch.testing.assert_close(x1, x0, rtol=1e-4, atol=1e-4)
+
+
+def _beats_layer(seed, **kw):
+    from seqkern.modules.beats import BeatsMultiheadAttention
+
+    torch.manual_seed(seed)
+    m = BeatsMultiheadAttention(
+        64, 4, self_attention=True, num_buckets=16, max_distance=40, gru_rel_pos=True, **kw
+    ).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return m
+
+
+def test_position_bias_handle_never_materialises_on_the_triton_path():
+    """Layer 0 computes the bias, layer 1 reuses it (as BEATs does): with the kernel, nothing of
+    B * H * T * S elements is ever allocated, forward or backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from seqkern.ops.relbias import RelativePositionBias
+
+    B, T = 2, 64
+    layer0 = _beats_layer(0, has_relative_attention_bias=True)
+    layer1 = _beats_layer(1)
+    layer1.relative_attention_bias = layer0.relative_attention_bias  # shared, as BEATs does
+    x = torch.randn(T, B, 64, requires_grad=True)
+    kpm = torch.arange(T)[None] >= torch.tensor([T, 40])[:, None]
+
+    class LargestAllocation(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            # in-place ops allocate nothing (the interpreter's own byte-storage copies are
+            # copy_ / set_); count every tensor an op creates
+            if not func.__name__.split(".")[0].endswith("_"):
+                for t in torch.utils._pytree.tree_leaves(out):
+                    if isinstance(t, torch.Tensor):
+                        LargestAllocation.largest = max(LargestAllocation.largest, t.numel())
+            return out
+
+    def run(backend):
+        with use_backend(backend):
+            h, _, pb = layer0(x, x, x, key_padding_mask=kpm, need_weights=False)
+            y, _, pb1 = layer1(h, h, h, key_padding_mask=kpm, need_weights=False, position_bias=pb)
+        return y, pb, pb1
+
+    with LargestAllocation():
+        y, pb, pb1 = run("triton")
+        grads = torch.autograd.grad(y.pow(2).sum(), [x, layer0.relative_attention_bias.weight])
+    assert isinstance(pb, RelativePositionBias) and pb1 is pb
+    assert LargestAllocation.largest < B * 4 * T * T, LargestAllocation.largest
+    y_ref, _, _ = run("reference")
+    grads_ref = torch.autograd.grad(y_ref.pow(2).sum(), [x, layer0.relative_attention_bias.weight])
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+    for g, w in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_position_bias_handle_is_an_ordinary_tensor_to_other_consumers(espnet_upstream):
+    layer0 = _beats_layer(2, has_relative_attention_bias=True)
+    x = torch.randn(9, 2, 64)
+    _, _, pb = layer0(x, x, x)
+    dense = pb.materialize()
+    assert pb.shape == dense.shape == (2 * 4, 9, 9) and pb.dtype == dense.dtype
+    torch.testing.assert_close(pb * 2.0, dense * 2.0)  # any torch op materialises
+    up = espnet_upstream.beats.MultiheadAttention(64, 4, self_attention=True, gru_rel_pos=True)
+    up.eval()
+    a_handle, _, _ = up(x, x, x, position_bias=pb)
+    a_dense, _, _ = up(x, x, x, position_bias=dense)
+    torch.testing.assert_close(a_handle, a_dense)
+    table = layer0.relative_attention_bias.weight
+    (g,) = torch.autograd.grad(up(x, x, x, position_bias=pb)[0].sum(), table)
+    assert g.abs().sum() > 0  # the gradient reaches the bucket table through the handle
+
+
+def test_swapped_beats_encoder_on_triton_matches_upstream(espnet_upstream):
+    import seqkern
+
+    cfg = dict(
+        encoder_layers=2,
+        encoder_embed_dim=64,
+        encoder_ffn_embed_dim=64,
+        encoder_attention_heads=4,
+        embed_dim=16,
+        conv_pos=16,
+        conv_pos_groups=4,
+        relative_position_embedding=True,
+        num_buckets=32,
+        max_distance=64,
+        gru_rel_pos=True,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        dropout_input=0.0,
+        encoder_layerdrop=0.0,
+    )
+    torch.manual_seed(0)
+    enc = espnet_upstream.beats.BeatsEncoder(input_size=1, beats_config=cfg).eval()
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    wav, ilens = torch.randn(2, 8000), torch.tensor([8000, 6000])
+    with torch.no_grad():
+        want = enc(wav, ilens)[0]
+    seqkern.swap(enc, backend="triton")
+    with torch.no_grad():
+        got = enc(wav, ilens)[0]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
