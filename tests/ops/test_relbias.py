@@ -240,6 +240,10 @@ def test_position_bias_handle_is_an_ordinary_tensor_to_other_consumers(espnet_up
 
 
 def test_swapped_beats_encoder_on_triton_matches_upstream(espnet_upstream):
+    """A real (random) ESPnet BeatsEncoder, swapped onto the kernel: same output, and inside its
+    transformer nothing of B * H * T * T elements is allocated."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
     import seqkern
 
     cfg = dict(
@@ -265,10 +269,28 @@ def test_swapped_beats_encoder_on_triton_matches_upstream(espnet_upstream):
     with torch.no_grad():
         for p in enc.parameters():
             p.add_(0.02 * torch.randn_like(p))
-    wav, ilens = torch.randn(2, 8000), torch.tensor([8000, 6000])
+    wav, ilens = torch.randn(2, 32000), torch.tensor([32000, 24000])
     with torch.no_grad():
         want = enc(wav, ilens)[0]
     seqkern.swap(enc, backend="triton")
-    with torch.no_grad():
+
+    transformer = next(m for m in enc.modules() if hasattr(m, "layers"))
+    recording = {"on": False, "largest": 0}
+    transformer.register_forward_pre_hook(lambda *_: recording.update(on=True))
+    transformer.register_forward_hook(lambda *_: recording.update(on=False))
+
+    class LargestInside(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if recording["on"] and not func.__name__.split(".")[0].endswith("_"):
+                for t in torch.utils._pytree.tree_leaves(out):
+                    if isinstance(t, torch.Tensor):
+                        recording["largest"] = max(recording["largest"], t.numel())
+            return out
+
+    with torch.no_grad(), LargestInside():
         got = enc(wav, ilens)[0]
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    T = got.shape[1]
+    assert recording["largest"] > 0
+    assert recording["largest"] < 2 * 4 * T * T // 4, (recording["largest"], T)
