@@ -23,6 +23,12 @@ if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
   export TORCH_CUDA_ARCH_LIST
 fi
 export SEQKERN_FORCE_CUDA_BUILD=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} PYTHONUNBUFFERED=1
+
+# Wheels carried in .whl/ (no network on the GPU machine), e.g. espnet 202506 and typeguard for
+# the end-to-end BEATs benchmark: installed first, without dependencies.
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps .whl/*.whl 2>&1 | tail -3
+fi
 echo "== build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)" | tee "$OUT/build.log"
 start=$(date +%s)
 if ! $PY -m pip install --no-build-isolation --no-deps --no-index -e . >>"$OUT/build.log" 2>&1; then
@@ -43,5 +49,13 @@ echo "tests took $(( $(date +%s) - start )) s"
 echo "== seqkern bench (full sizes)"
 $PY -m seqkern bench --out "$OUT/results" --no-progress 2>&1 | tee "$OUT/bench.log" | tail -60
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+echo "== end to end: ESPnet BeatsEncoder before and after seqkern.swap"
+if $PY -c "import espnet2.asr.encoder.beats_encoder" >/dev/null 2>&1; then
+  $PY benchmarks/beats_encoder.py --out "$OUT/results" 2>&1 | tee "$OUT/beats_encoder.log" | tail -25
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+else
+  echo "skipped: espnet2 202506 is not importable here (carry its wheel and typeguard's in .whl/)"
+fi
 
 exit $status
