@@ -116,3 +116,38 @@ def espnet_upstream(torchaudio_upstream):
         beam_search=importlib.import_module("espnet2.asr_transducer.beam_search_transducer"),
         state_spaces_base=importlib.import_module("espnet2.asr.state_spaces.base"),
     )
+
+
+@pytest.fixture
+def small_beats_encoder(espnet_upstream):
+    """A random 2-layer ESPnet BeatsEncoder (relative bias with the GRU gate, no dropout), its
+    weights moved away from the init so the bias and gate paths matter. Call it with the
+    encoder width (a multiple of its 4 heads)."""
+
+    def make(embed_dim: int = 32):
+        cfg = dict(
+            encoder_layers=2,
+            encoder_embed_dim=embed_dim,
+            encoder_ffn_embed_dim=64,
+            encoder_attention_heads=4,
+            embed_dim=16,
+            conv_pos=16,
+            conv_pos_groups=4,
+            relative_position_embedding=True,
+            num_buckets=32,
+            max_distance=64,
+            gru_rel_pos=True,
+            dropout=0.0,
+            attention_dropout=0.0,
+            activation_dropout=0.0,
+            dropout_input=0.0,
+            encoder_layerdrop=0.0,
+        )
+        torch.manual_seed(0)
+        enc = espnet_upstream.beats.BeatsEncoder(input_size=1, beats_config=cfg)
+        with torch.no_grad():
+            for p in enc.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+        return enc.eval()
+
+    return make

@@ -239,36 +239,14 @@ def test_position_bias_handle_is_an_ordinary_tensor_to_other_consumers(espnet_up
     assert g.abs().sum() > 0  # the gradient reaches the bucket table through the handle
 
 
-def test_swapped_beats_encoder_on_triton_matches_upstream(espnet_upstream):
+def test_swapped_beats_encoder_on_triton_matches_upstream(small_beats_encoder):
     """A real (random) ESPnet BeatsEncoder, swapped onto the kernel: same output, and inside its
     transformer nothing of B * H * T * T elements is allocated."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     import seqkern
 
-    cfg = dict(
-        encoder_layers=2,
-        encoder_embed_dim=64,
-        encoder_ffn_embed_dim=64,
-        encoder_attention_heads=4,
-        embed_dim=16,
-        conv_pos=16,
-        conv_pos_groups=4,
-        relative_position_embedding=True,
-        num_buckets=32,
-        max_distance=64,
-        gru_rel_pos=True,
-        dropout=0.0,
-        attention_dropout=0.0,
-        activation_dropout=0.0,
-        dropout_input=0.0,
-        encoder_layerdrop=0.0,
-    )
-    torch.manual_seed(0)
-    enc = espnet_upstream.beats.BeatsEncoder(input_size=1, beats_config=cfg).eval()
-    with torch.no_grad():
-        for p in enc.parameters():
-            p.add_(0.02 * torch.randn_like(p))
+    enc = small_beats_encoder(64)
     wav, ilens = torch.randn(2, 32000), torch.tensor([32000, 24000])
     with torch.no_grad():
         want = enc(wav, ilens)[0]

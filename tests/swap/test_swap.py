@@ -9,35 +9,8 @@ from seqkern.modules.beats import BeatsMultiheadAttention
 from seqkern.modules.valle import ValleNARDecoder
 
 
-def _beats_encoder(espnet_upstream):
-    cfg = dict(
-        encoder_layers=2,
-        encoder_embed_dim=32,
-        encoder_ffn_embed_dim=64,
-        encoder_attention_heads=4,
-        embed_dim=16,
-        conv_pos=16,
-        conv_pos_groups=4,
-        relative_position_embedding=True,
-        num_buckets=32,
-        max_distance=64,
-        gru_rel_pos=True,
-        dropout=0.0,
-        attention_dropout=0.0,
-        activation_dropout=0.0,
-        dropout_input=0.0,
-        encoder_layerdrop=0.0,
-    )
-    torch.manual_seed(0)
-    enc = espnet_upstream.beats.BeatsEncoder(input_size=1, beats_config=cfg)
-    with torch.no_grad():  # away from the init, so the bias and gate paths matter
-        for p in enc.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    return enc.eval()
-
-
-def test_swap_beats_encoder_keeps_output_and_state_dict(espnet_upstream):
-    enc = _beats_encoder(espnet_upstream)
+def test_swap_beats_encoder_keeps_output_and_state_dict(small_beats_encoder):
+    enc = small_beats_encoder()
     wav = torch.randn(2, 4000)
     ilens = torch.tensor([4000, 3200])
     with torch.no_grad():
@@ -67,8 +40,8 @@ def test_swap_beats_encoder_keeps_output_and_state_dict(espnet_upstream):
         torch.testing.assert_close(enc(wav, ilens)[0], want[0], rtol=0, atol=0)
 
 
-def test_swap_beats_training_step_matches(espnet_upstream):
-    enc = _beats_encoder(espnet_upstream)
+def test_swap_beats_training_step_matches(small_beats_encoder):
+    enc = small_beats_encoder()
     wav, ilens = torch.randn(2, 3000), torch.tensor([3000, 2500])
     grads = []
     for swapped in (False, True):
