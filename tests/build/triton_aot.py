@@ -1,0 +1,115 @@
+"""Compile every seqkern Triton kernel ahead of time for one GPU arch, without a GPU.
+
+    python tests/build/triton_aot.py 90
+
+Prints one JSON object: {"compiled": [...], "failed": {name: error}}. Run by
+tests/build/test_triton_compile.py in a fresh process without TRITON_INTERPRET (triton decides
+interpreter-or-compiler when it is imported, so the two cannot share a process).
+"""
+
+import json
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+
+def _compile(kernel, types: dict, constexprs: dict, arch: int):
+    signature = {
+        name: "constexpr" if name in constexprs else types.get(name, "i32")
+        for name in kernel.arg_names
+    }
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32))
+
+
+def _adaln_variants():
+    from seqkern._triton import adaln as A
+
+    for dt in ("bf16", "fp32"):
+        for per_token in (False, True):
+            fwd_types = {n: f"*{dt}" for n in ("X", "G", "Bt", "Y")}
+            fwd_types.update(Mean="*fp32", Rstd="*fp32", eps="fp32")
+            yield (
+                f"adaln_fwd-{dt}-tok{per_token}",
+                A._adaln_fwd_kernel,
+                fwd_types,
+                {"PER_TOKEN": per_token, "BLOCK_D": 1024},
+            )
+            bwd_types = {n: f"*{dt}" for n in ("DY", "X", "G", "DX", "DG", "DB")}
+            bwd_types.update(Mean="*fp32", Rstd="*fp32", WS="*fp32")
+            yield (
+                f"adaln_bwd-{dt}-tok{per_token}",
+                A._adaln_bwd_kernel,
+                bwd_types,
+                {"PER_TOKEN": per_token, "BLOCK_D": 1024},
+            )
+
+
+def _relbias_variants():
+    from seqkern._triton import relbias as R
+
+    for dt, precision, hd in (("bf16", "tf32", 64), ("fp32", "ieee", 128)):
+        for mode, gate, masks in (
+            (R.BIAS_REL, True, True),
+            (R.BIAS_DENSE, True, False),
+            (R.BIAS_NONE, False, False),
+        ):
+            block = 64 if hd <= 64 else 32
+            types = {n: f"*{dt}" for n in ("Q", "K", "V", "O", "DO")}
+            types.update(
+                LSE="*fp32",
+                DELTA="*fp32",
+                DK="*fp32",
+                DV="*fp32",
+                DQ="*fp32",
+                DG="*fp32",
+                DRB="*fp32",
+                RB=f"*{dt}",
+                G=f"*{dt}",
+                AM=f"*{dt}",
+                KPM="*i8",
+                scale="fp32",
+            )
+            const = {
+                "BIAS_MODE": mode,
+                "HAS_GATE": gate,
+                "HAS_AM": masks,
+                "HAS_KPM": masks,
+                "BLOCK_M": block,
+                "BLOCK_N": block,
+                "BLOCK_D": hd,
+                "PRECISION": precision,
+            }
+            for name in ("RB",) if mode == R.BIAS_NONE else ():
+                const[name] = None
+            if not gate:
+                const["G"] = None
+            if not masks:
+                const.update(AM=None, KPM=None)
+            tag = f"{dt}-mode{mode}-gate{gate}-masks{masks}"
+            yield (f"relbias_fwd-{tag}", R._relbias_fwd_kernel, types, const)
+            yield (f"relbias_bwd_dkdv-{tag}", R._relbias_bwd_dkdv_kernel, types, const)
+            dq_const = dict(const, BIAS_GRAD=mode != R.BIAS_NONE)
+            if not gate:
+                dq_const["DG"] = None
+            if mode == R.BIAS_NONE:
+                dq_const["DRB"] = None
+            yield (f"relbias_bwd_dq-{tag}", R._relbias_bwd_dq_kernel, types, dq_const)
+
+
+def main(arch: int) -> dict:
+    result = {"compiled": [], "failed": {}}
+    for name, kernel, types, constexprs in [*_adaln_variants(), *_relbias_variants()]:
+        try:
+            compiled = _compile(kernel, types, constexprs, arch)
+            assert "ptx" in compiled.asm and "cubin" in compiled.asm, "no ptx/cubin"
+            result["compiled"].append(name)
+        except Exception as err:  # noqa: BLE001 - report every failure
+            result["failed"][name] = f"{type(err).__name__}: {str(err)[-1500:]}"
+    return result
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(int(sys.argv[1]))))
