@@ -11,10 +11,14 @@ import torch
 from torch import Tensor
 
 from seqkern import backends
-from seqkern.reference.relbias import relbias_attention_ref
+from seqkern.ops._library import define_op
+from seqkern.reference.relbias import (
+    relbias_attention_bwd_ref,
+    relbias_attention_fwd_ref,
+    relbias_attention_ref,
+)
 
 OP = "relbias_attention"
-backends.register_reference(OP, relbias_attention_ref)
 
 # Tensor methods answered from the wrapper's own metadata, without materialising.
 _METADATA = {
@@ -99,31 +103,100 @@ class RelativePositionBias(torch.Tensor):
         return func(*args, **kwargs)
 
 
-class RelbiasAttentionFunction(torch.autograd.Function):
-    """Runs a backend's fused forward and backward (the reference needs no Function)."""
+# ---------------------------------------------------------------------------------------------
+# torch.library ops. Optional inputs are `Tensor?`; an absent gradient is an empty tensor.
 
+
+def _grad_dtype(q: Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _fwd_impl(q, k, v, scale, rel_bias, bias, gate, attn_mask, key_padding_mask):
+    kernel = backends.select(OP, q, k, v, 0.0, False)
+    return tuple(kernel.fwd(q, k, v, scale, rel_bias, bias, gate, attn_mask, key_padding_mask))
+
+
+def _fwd_fake(q, k, v, scale, rel_bias, bias, gate, attn_mask, key_padding_mask):
+    out = q.new_empty(q.shape)
+    return out, q.new_empty(q.shape[:3], dtype=_grad_dtype(q))
+
+
+def _bwd_impl(dout, q, k, v, out, lse, scale, rel_bias, bias, gate, attn_mask, kpm, bias_grad):
+    kernel = backends.select(OP, q, k, v, 0.0, False)
+    dq, dk, dv, dbias, dgate = kernel.bwd(
+        dout, q, k, v, out, lse, scale, rel_bias, bias, gate, attn_mask, kpm, bias_grad
+    )
+
+    def absent():  # a fresh empty tensor each: two outputs may not alias
+        return q.new_empty(0, dtype=_grad_dtype(q))
+
+    return dq, dk, dv, absent() if dbias is None else dbias, absent() if dgate is None else dgate
+
+
+def _bwd_fake(dout, q, k, v, out, lse, scale, rel_bias, bias, gate, attn_mask, kpm, bias_grad):
+    dt = _grad_dtype(q)
+    B, H, T, _ = q.shape
+    S = k.shape[2]
+    dbias = q.new_empty(0, dtype=dt)
+    if bias_grad and rel_bias is not None:
+        dbias = q.new_empty((H, T + S - 1), dtype=dt)
+    elif bias_grad and bias is not None:
+        dbias = q.new_empty((B, H, T, S), dtype=dt)
+    dgate = (
+        q.new_empty((B, H, T, 1), dtype=dt)
+        if gate is not None and (rel_bias is not None or bias is not None)
+        else q.new_empty(0, dtype=dt)
+    )
+    return (
+        q.new_empty(q.shape, dtype=dt),
+        k.new_empty(k.shape, dtype=dt),
+        v.new_empty(v.shape, dtype=dt),
+        dbias,
+        dgate,
+    )
+
+
+define_op(
+    "relbias_attention",
+    "(Tensor q, Tensor k, Tensor v, float scale, Tensor? rel_bias, Tensor? bias, Tensor? gate,"
+    " Tensor? attn_mask, Tensor? key_padding_mask) -> (Tensor out, Tensor lse)",
+    _fwd_impl,
+    _fwd_fake,
+)
+define_op(
+    "relbias_attention_bwd",
+    "(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale,"
+    " Tensor? rel_bias, Tensor? bias, Tensor? gate, Tensor? attn_mask, Tensor? key_padding_mask,"
+    " bool bias_grad) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias, Tensor dgate)",
+    _bwd_impl,
+    _bwd_fake,
+)
+
+
+class RelbiasAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, kernel, q, k, v, scale, rel_bias, bias, gate, attn_mask, key_padding_mask):
-        out, lse = kernel.fwd(q, k, v, scale, rel_bias, bias, gate, attn_mask, key_padding_mask)
+    def forward(ctx, q, k, v, scale, rel_bias, bias, gate, attn_mask, key_padding_mask):
+        out, lse = torch.ops.seqkern.relbias_attention(
+            q, k, v, scale, rel_bias, bias, gate, attn_mask, key_padding_mask
+        )
         ctx.save_for_backward(q, k, v, out, lse, rel_bias, bias, gate, attn_mask, key_padding_mask)
-        ctx.kernel, ctx.scale = kernel, scale
+        ctx.scale = scale
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, rel_bias, bias, gate, attn_mask, kpm = ctx.saved_tensors
         need = ctx.needs_input_grad
-        bias_grad = (rel_bias is not None and need[5]) or (bias is not None and need[6])
-        dq, dk, dv, dbias, dgate = ctx.kernel.bwd(
+        bias_grad = (rel_bias is not None and need[4]) or (bias is not None and need[5])
+        dq, dk, dv, dbias, dgate = torch.ops.seqkern.relbias_attention_bwd(
             dout, q, k, v, out, lse, ctx.scale, rel_bias, bias, gate, attn_mask, kpm, bias_grad
         )
-        d_rel = dbias.to(rel_bias.dtype) if rel_bias is not None and need[5] else None
+        d_rel = dbias.to(rel_bias.dtype) if rel_bias is not None and need[4] else None
         d_bias = None
-        if bias is not None and need[6]:
+        if bias is not None and need[5]:
             d_bias = dbias.sum_to_size(bias.shape).to(bias.dtype)
-        d_gate = dgate.to(gate.dtype) if gate is not None and need[7] else None
+        d_gate = dgate.to(gate.dtype) if gate is not None and need[6] and dgate.numel() else None
         return (
-            None,
             dq.to(q.dtype),
             dk.to(k.dtype),
             dv.to(v.dtype),
@@ -152,7 +225,11 @@ def relbias_attention(
     """See `seqkern.reference.relbias.relbias_attention_ref` for the math and the shapes:
     q (B, H, T, hd), k and v (B, H, S, hd), bias broadcastable to (B, H, T, S) or rel_bias
     (H, T + S - 1), gate (B, H, T, 1), attn_mask (T, S) additive, key_padding_mask (B, S)
-    True = padding. Returns (out (B, H, T, hd), probs (B, H, T, S) or None)."""
+    True = padding. Returns (out (B, H, T, hd), probs (B, H, T, S) or None).
+
+    need_weights=True and dropout need the probabilities, which only the reference keeps: they
+    run it directly (an explicit use_backend without "reference" raises BackendError).
+    """
     B, H, T, _ = q.shape
     S = k.shape[-2]
     if k.shape[:2] != (B, H) or v.shape[:3] != k.shape[:3]:
@@ -176,9 +253,9 @@ def relbias_attention(
         )
     if rel_bias is not None and bias is not None:
         raise ValueError("relbias_attention: give bias or rel_bias, not both")
-    kernel = backends.select(OP, q, k, v, dropout_p, need_weights)
-    if kernel.bwd is None:  # the reference: differentiated by autograd
-        return kernel.fwd(
+    if need_weights or dropout_p > 0:
+        backends.select(OP, q, k, v, dropout_p, need_weights)  # BackendError if disallowed
+        return relbias_attention_ref(
             q,
             k,
             v,
@@ -192,7 +269,7 @@ def relbias_attention(
             rel_bias,
         )
     out = RelbiasAttentionFunction.apply(
-        kernel, q, k, v, scale, rel_bias, bias, gate, attn_mask, key_padding_mask
+        q, k, v, scale, rel_bias, bias, gate, attn_mask, key_padding_mask
     )
     return out, None
 
@@ -234,4 +311,13 @@ def _triton_bwd(do, q, k, v, out, lse, scale, rel_bias, bias, gate, attn_mask, k
     )
 
 
+backends.register(
+    backends.Kernel(
+        OP,
+        "reference",
+        relbias_attention_fwd_ref,
+        relbias_attention_bwd_ref,
+        backends.always_supported,
+    )
+)
 backends.register(backends.Kernel(OP, "triton", _triton_fwd, _triton_bwd, _supports_triton))

@@ -97,3 +97,94 @@ def relbias_attention_ref(
     dropped = torch.nn.functional.dropout(probs, p=dropout_p) if dropout_p > 0 else probs
     out = torch.matmul(dropped, v)
     return out, (probs if need_weights else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference backend's stages, with the same contract as every fused backend: the forward
+# returns (out, lse), the backward the gradients from them. Written out by hand; the tests check
+# them against autograd through `relbias_attention_ref` in float64.
+
+
+def _stage_logits(q, k, scale, rel_bias, bias, gate, attn_mask, key_padding_mask, acc):
+    logits = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale
+    if rel_bias is not None:
+        bias = expand_rel_bias(rel_bias, q.shape[-2], k.shape[-2]).unsqueeze(0)
+    full_bias = None
+    if bias is not None:
+        full_bias = bias.to(acc)
+        logits = logits + (full_bias if gate is None else gate.to(acc) * full_bias)
+    if attn_mask is not None:
+        logits = logits + attn_mask.to(acc)
+    if key_padding_mask is not None:
+        logits = logits.masked_fill(key_padding_mask.to(torch.bool)[:, None, None, :], -math.inf)
+    return logits, full_bias
+
+
+def _stats_dtype(q: Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def relbias_attention_fwd_ref(
+    q, k, v, scale, rel_bias=None, bias=None, gate=None, attn_mask=None, key_padding_mask=None
+):
+    """-> (out (B, H, T, hd) in q's dtype, lse (B, H, T) fp32 (fp64 for fp64 inputs), +inf on
+    rows that see no key)."""
+    acc = _stats_dtype(q)
+    logits, _ = _stage_logits(q, k, scale, rel_bias, bias, gate, attn_mask, key_padding_mask, acc)
+    lse = torch.logsumexp(logits, dim=-1)
+    lse = torch.where(torch.isneginf(lse), math.inf, lse)  # empty rows: probabilities 0
+    out = torch.matmul(torch.exp(logits - lse.unsqueeze(-1)), v.to(acc))
+    return out.to(q.dtype), lse
+
+
+def relbias_attention_bwd_ref(
+    dout,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    scale,
+    rel_bias=None,
+    bias=None,
+    gate=None,
+    attn_mask=None,
+    key_padding_mask=None,
+    bias_grad=False,
+):
+    """-> (dq, dk, dv, dbias or None, dgate or None), all fp32 (fp64 for fp64 inputs).
+
+    With P = softmax(logits): dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)),
+    dQ = scale dS K, dK = scale dS^T Q; the bias sees gate * dS (summed over the batch and, for
+    rel_bias, along each diagonal j - i), the gate sees sum_j dS * bias.
+    """
+    acc = _stats_dtype(q)
+    logits, full_bias = _stage_logits(
+        q, k, scale, rel_bias, bias, gate, attn_mask, key_padding_mask, acc
+    )
+    p = torch.exp(logits - lse.to(acc).unsqueeze(-1))
+    do, o = dout.to(acc), out.to(acc)
+    dv = torch.matmul(p.transpose(-1, -2), do)
+    delta = (do * o).sum(dim=-1, keepdim=True)
+    ds = p * (torch.matmul(do, v.to(acc).transpose(-1, -2)) - delta)
+    dq = torch.matmul(ds, k.to(acc)) * scale
+    dk = torch.matmul(ds.transpose(-1, -2), q.to(acc)) * scale
+    dgate = None
+    if gate is not None and full_bias is not None:
+        dgate = (ds * full_bias).sum(dim=-1, keepdim=True)
+    dbias = None
+    if bias_grad and full_bias is not None:
+        d_eff = ds if gate is None else ds * gate.to(acc)
+        if rel_bias is not None:
+            T, S = q.shape[-2], k.shape[-2]
+            idx = (
+                torch.arange(S, device=q.device)[None, :]
+                - torch.arange(T, device=q.device)[:, None]
+            )
+            idx = (idx + T - 1).reshape(-1)
+            per_head = d_eff.sum(dim=0).reshape(d_eff.shape[1], -1)  # (H, T * S)
+            dbias = torch.zeros(rel_bias.shape, dtype=acc, device=q.device)
+            dbias.index_add_(1, idx, per_head)
+        else:
+            dbias = d_eff
+    return dq, dk, dv, dbias, dgate

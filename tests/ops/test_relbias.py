@@ -9,6 +9,7 @@ import torch
 
 from seqkern import BackendError, use_backend
 from seqkern.ops.relbias import relbias_attention
+from seqkern.reference.relbias import relbias_attention_ref
 from seqkern.testing import assert_close_to_oracle
 
 # (B, H, T, S, hd, bias form, gate, attn_mask, padding)
@@ -60,18 +61,21 @@ def _make(B, H, T, S, hd, form, use_gate, use_am, use_pad, dtype, device, seed):
 
 
 def _run(tensors, masks, dout, scale, backend):
+    """The op on `backend`, or (backend=None) autograd through relbias_attention_ref: the
+    oracle, independent of every backend's hand-written backward."""
     names = list(tensors)
-    with use_backend(backend):
-        out, _ = relbias_attention(
-            tensors["q"],
-            tensors["k"],
-            tensors["v"],
-            scale,
-            bias=tensors.get("bias"),
-            gate=tensors.get("gate"),
-            rel_bias=tensors.get("rel_bias"),
-            **masks,
-        )
+    args = (tensors["q"], tensors["k"], tensors["v"], scale)
+    kwargs = dict(
+        bias=tensors.get("bias"),
+        gate=tensors.get("gate"),
+        rel_bias=tensors.get("rel_bias"),
+        **masks,
+    )
+    if backend is None:
+        out, _ = relbias_attention_ref(*args, **kwargs)
+    else:
+        with use_backend(backend):
+            out, _ = relbias_attention(*args, **kwargs)
     grads = torch.autograd.grad(out, [tensors[n] for n in names], dout)
     return out, dict(zip(names, grads, strict=True))
 
@@ -87,21 +91,22 @@ def _cases():
                 )
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize("device,dtype,case", list(_cases()))
-def test_triton_matches_oracle(device, dtype, case):
+def test_backend_matches_oracle(device, dtype, case, backend):
     B, H, T, S, hd, form, use_gate, use_am, use_pad = case
     tensors, masks, dout = _make(*case, dtype=dtype, device=device, seed=sum(case[:5]))
     scale = hd**-0.5
-    out, grads = _run(tensors, masks, dout, scale, "triton")
+    out, grads = _run(tensors, masks, dout, scale, backend)
 
     def detached(dt):
         return {n: t.detach().to(dt).requires_grad_() for n, t in tensors.items()}
 
     t64 = detached(torch.float64)
     m64 = {n: (m.double() if m.is_floating_point() else m) for n, m in masks.items()}
-    oracle, oracle_grads = _run(t64, m64, dout.double(), scale, "reference")
+    oracle, oracle_grads = _run(t64, m64, dout.double(), scale, None)
     tdt = detached(dtype)
-    ref, ref_grads = _run(tdt, masks, dout, scale, "reference")
+    ref, ref_grads = _run(tdt, masks, dout, scale, None)
     assert_close_to_oracle(out, oracle, ref, name="out")
     for n in grads:
         assert grads[n].shape == tensors[n].shape, n
@@ -272,3 +277,54 @@ def test_swapped_beats_encoder_on_triton_matches_upstream(small_beats_encoder):
     T = got.shape[1]
     assert recording["largest"] > 0
     assert recording["largest"] < 2 * 4 * T * T // 4, (recording["largest"], T)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("form", ["rel", "dense", "none"])
+def test_relbias_opcheck(backend, form):
+    tensors, masks, dout = _make(
+        2, 2, 11, 11, 16, form, True, True, True, torch.float32, "cpu", seed=3
+    )
+    t = {n: x.detach() for n, x in tensors.items()}
+    args = (
+        t["q"],
+        t["k"],
+        t["v"],
+        0.25,
+        t.get("rel_bias"),
+        t.get("bias"),
+        t.get("gate"),
+        masks.get("attn_mask"),
+        masks.get("key_padding_mask"),
+    )
+    with use_backend(backend):
+        torch.library.opcheck(torch.ops.seqkern.relbias_attention.default, args)
+        out, lse = torch.ops.seqkern.relbias_attention(*args)
+        bwd_args = (dout, *args[:3], out, lse, *args[3:], form != "none")
+        torch.library.opcheck(torch.ops.seqkern.relbias_attention_bwd.default, bwd_args)
+
+
+def test_relbias_torch_compile_fullgraph():
+    tensors, masks, dout = _make(
+        2, 2, 13, 13, 16, "rel", True, False, True, torch.float32, "cpu", seed=4
+    )
+
+    def block(q, k, v, rel, gate, kpm):
+        out, _ = relbias_attention(
+            q * 1.5, k, v, 0.25, gate=gate, rel_bias=rel, key_padding_mask=kpm
+        )
+        return out.relu()
+
+    names = ["q", "k", "v", "rel_bias", "gate"]
+    inputs = [tensors[n] for n in names]
+    compiled = torch.compile(block, fullgraph=True)
+    kpm = masks["key_padding_mask"]
+    for backend in ("reference", "triton"):
+        with use_backend(backend):
+            got = compiled(*inputs, kpm)
+            got_grads = torch.autograd.grad(got, inputs, dout)
+            want = block(*inputs, kpm)
+            want_grads = torch.autograd.grad(want, inputs, dout)
+        torch.testing.assert_close(got, want)
+        for g, w in zip(got_grads, want_grads, strict=True):
+            torch.testing.assert_close(g, w)
