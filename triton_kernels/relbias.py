@@ -101,6 +101,7 @@ def _relbias_fwd_kernel(
     G,
     AM,
     KPM,
+    KEND,
     s_qb,
     s_qh,
     s_qt,
@@ -158,7 +159,10 @@ def _relbias_fwd_kernel(
     kb_ptr = K + b * s_kb + h * s_kh
     vb_ptr = V + b * s_vb + h * s_vh
     rb_base = b * s_rb_b + h * s_rb_h
-    for n0 in range(0, S, BLOCK_N):
+    key_end = S
+    if HAS_KPM:
+        key_end = tl.load(KEND + b)  # keys past the last unpadded one: skipped
+    for n0 in range(0, key_end, BLOCK_N):
         offs_n = n0 + offs_n0
         s, _ = _logits_tile(
             q,
@@ -226,6 +230,7 @@ def _relbias_bwd_dkdv_kernel(
     G,
     AM,
     KPM,
+    KEND,
     s_qb,
     s_qh,
     s_qt,
@@ -276,7 +281,11 @@ def _relbias_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     rb_base = b * s_rb_b + h * s_rb_h
-    for m0 in range(0, T, BLOCK_M):
+    q_end = T
+    if HAS_KPM:
+        if pid_n * BLOCK_N >= tl.load(KEND + b):
+            q_end = 0  # an all-padding key block: its gradients are 0
+    for m0 in range(0, q_end, BLOCK_M):
         offs_m = m0 + offs_m0
         mask_m = offs_m < T
         mask_md = mask_m[:, None] & (offs_d[None, :] < hd)
@@ -349,6 +358,7 @@ def _relbias_bwd_dq_kernel(
     G,
     AM,
     KPM,
+    KEND,
     s_qb,
     s_qh,
     s_qt,
@@ -413,7 +423,10 @@ def _relbias_bwd_dq_kernel(
     kb_ptr = K + b * s_kb + h * s_kh
     vb_ptr = V + b * s_vb + h * s_vh
     rb_base = b * s_rb_b + h * s_rb_h
-    for n0 in range(0, S, BLOCK_N):
+    key_end = S
+    if HAS_KPM:
+        key_end = tl.load(KEND + b)
+    for n0 in range(0, key_end, BLOCK_N):
         offs_n = n0 + offs_n0
         mask_n = offs_n < S
         s, bias = _logits_tile(
@@ -511,13 +524,24 @@ def _gate_args(gate):
 
 
 def _mask_args(attn_mask, key_padding_mask):
+    """(attn_mask, its strides, key padding as int8, its batch stride, key_end (B,) int32).
+
+    key_end[b] = 1 + the last unpadded key of row b (0 if none): the kernels stop there, which
+    is exact for any mask (everything after it is padding) and saves the work of right padding.
+    """
     am = attn_mask
-    kpm = None if key_padding_mask is None else key_padding_mask.to(torch.int8).contiguous()
+    kpm = key_end = None
+    if key_padding_mask is not None:
+        kpm = key_padding_mask.to(torch.int8).contiguous()
+        positions = torch.arange(1, kpm.shape[1] + 1, device=kpm.device, dtype=torch.int32)
+        visible = (kpm == 0) * positions
+        key_end = (visible.amax(dim=1) if kpm.shape[1] else visible.sum(dim=1)).to(torch.int32)
     return (
         am,
         (am.stride(0), am.stride(1)) if am is not None else (0, 0),
         kpm,
         kpm.stride(0) if kpm is not None else 0,
+        key_end,
     )
 
 
@@ -531,7 +555,7 @@ def relbias_attention_fwd(
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     mode, rb, *rb_strides = _bias_args(rel_bias, bias, B, H, T, S)
     g, s_gb, s_gh = _gate_args(gate)
-    am, am_strides, kpm, s_kpm = _mask_args(attn_mask, key_padding_mask)
+    am, am_strides, kpm, s_kpm, kend = _mask_args(attn_mask, key_padding_mask)
     bm, bn, bd, warps = _blocks(hd, q.device)
     grid = (triton.cdiv(T, bm), B * H)
     _relbias_fwd_kernel[grid](
@@ -544,6 +568,7 @@ def relbias_attention_fwd(
         g,
         am,
         kpm,
+        kend,
         *q.stride()[:3],
         *k.stride()[:3],
         *v.stride()[:3],
@@ -597,7 +622,7 @@ def relbias_attention_bwd(
     dv = torch.empty((B, H, S, hd), dtype=torch.float32, device=q.device)
     mode, rb, *rb_strides = _bias_args(rel_bias, bias, B, H, T, S)
     g, s_gb, s_gh = _gate_args(gate)
-    am, am_strides, kpm, s_kpm = _mask_args(attn_mask, key_padding_mask)
+    am, am_strides, kpm, s_kpm, kend = _mask_args(attn_mask, key_padding_mask)
     dgate = torch.empty((B, H, T), dtype=torch.float32, device=q.device) if g is not None else None
     drb = None
     if bias_grad and mode == BIAS_REL:
@@ -619,6 +644,7 @@ def relbias_attention_bwd(
         g,
         am,
         kpm,
+        kend,
         *q.stride()[:3],
         *k.stride()[:3],
         *v.stride()[:3],
@@ -657,6 +683,7 @@ def relbias_attention_bwd(
         g,
         am,
         kpm,
+        kend,
         *q.stride()[:3],
         *k.stride()[:3],
         *v.stride()[:3],

@@ -70,6 +70,7 @@ def _relbias_variants():
                 G=f"*{dt}",
                 AM=f"*{dt}",
                 KPM="*i8",
+                KEND="*i32",
                 scale="fp32",
             )
             const = {
@@ -87,7 +88,7 @@ def _relbias_variants():
             if not gate:
                 const["G"] = None
             if not masks:
-                const.update(AM=None, KPM=None)
+                const.update(AM=None, KPM=None, KEND=None)
             tag = f"{dt}-mode{mode}-gate{gate}-masks{masks}"
             yield (f"relbias_fwd-{tag}", R._relbias_fwd_kernel, types, const)
             yield (f"relbias_bwd_dkdv-{tag}", R._relbias_bwd_dkdv_kernel, types, const)
