@@ -28,7 +28,6 @@ BIAS_NONE, BIAS_REL, BIAS_DENSE = 0, 1, 2
 @triton.jit
 def _logits_tile(
     q,
-    K,
     kb_ptr,
     offs_m,
     offs_n,
@@ -166,7 +165,6 @@ def _relbias_fwd_kernel(
         offs_n = n0 + offs_n0
         s, _ = _logits_tile(
             q,
-            K,
             kb_ptr,
             offs_m,
             offs_n,
@@ -299,7 +297,6 @@ def _relbias_bwd_dkdv_kernel(
             gate = tl.load(G + b * s_gb + h * s_gh + offs_m, mask=mask_m, other=0.0).to(tl.float32)
         s, _ = _logits_tile(
             q,
-            K,
             kb_ptr,
             offs_m,
             offs_n,
@@ -431,7 +428,6 @@ def _relbias_bwd_dq_kernel(
         mask_n = offs_n < S
         s, bias = _logits_tile(
             q,
-            K,
             kb_ptr,
             offs_m,
             offs_n,

@@ -1,8 +1,9 @@
 """relbias_attention: BEATs' attention with a gated relative-position bias and fairseq masks.
 
-Backends: `reference` (plain PyTorch, autograd through it) and `triton` (flash-style forward
-and backward; the bias is gathered per tile from its per-distance form, so no T x S tensor is
-built when `rel_bias` is given).
+Backends: `reference` (plain PyTorch forward and hand-written backward stages; need_weights and
+dropout run `relbias_attention_ref` itself, under autograd) and `triton` (flash-style forward and
+backward; the bias is gathered per tile from its per-distance form, so no T x S tensor is built
+when `rel_bias` is given). Both stages are torch.library ops with fakes.
 """
 
 from __future__ import annotations
