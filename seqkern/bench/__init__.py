@@ -23,7 +23,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,268 +30,15 @@ from torch import Tensor
 
 import seqkern
 from seqkern import backends
+from seqkern.bench import adaln as _adaln_spec
+from seqkern.bench import relbias as _relbias_spec
+from seqkern.bench.core import BASELINES, DIRECTIONS, Case, OpBench, Provider
 from seqkern.testing import max_abs_error
 
-DIRECTIONS = ("fwd", "bwd")
-BASELINES = ("upstream", "compile", "sdpa", "flex", "sdpa_nobias")
-
-
-@dataclass
-class Case:
-    name: str
-    params: dict
-
-
-@dataclass
-class Provider:
-    """A way to compute the op: `fn(*inputs) -> output`, with an optional backend setting."""
-
-    provider: str  # seqkern | upstream | compile | sdpa | flex | sdpa_nobias
-    fn: Callable[..., Tensor]
-    backend: str | None = None  # the seqkern backend, for provider == "seqkern"
-    exact: bool = True  # False: a reference point computing a different function (no max_err)
-
-    @property
-    def label(self) -> str:
-        return f"seqkern[{self.backend}]" if self.backend else self.provider
-
-
-@dataclass
-class OpBench:
-    """What `seqkern bench` needs to know about one op."""
-
-    op: str
-    cases: Callable[[bool, torch.device], list[Case]]
-    make_inputs: Callable[[Case, torch.dtype, torch.device], tuple[list[Tensor], Tensor]]
-    oracle: Callable[..., Tensor]  # the reference, run on float64 copies of the inputs
-    public: Callable[..., Tensor]  # the seqkern public function
-    baselines: Callable[[torch.device, bool], list[Provider]]
-    bytes: Callable[[Case, torch.dtype, str], int]
-    flops: Callable[[Case, str], int]
-    notes: list[str] = field(default_factory=list)
-    oracle_dtype: torch.dtype = torch.float64  # float32 where float64 would not fit in memory
-    gpu_dtypes: tuple[torch.dtype, ...] | None = None  # default: bfloat16 and float32
-
-
-# --------------------------------------------------------------------------------------------
-# AdaLN (VALL-E NAR decoder)
-
-
-def _adaln_cases(quick: bool, device: torch.device) -> list[Case]:
-    if quick:
-        return [
-            Case("B2-T50-D256", dict(B=2, T=50, D=256, per_token=False)),
-            Case("B2-T20-D96-tok", dict(B=2, T=20, D=96, per_token=True)),
-        ]
-    return [
-        # VALL-E NAR: n_state 1024, ~1000 codec frames, a batch of utterances.
-        Case("B8-T1000-D1024", dict(B=8, T=1000, D=1024, per_token=False)),
-        Case("B32-T250-D512", dict(B=32, T=250, D=512, per_token=False)),
-        Case("B4-T1500-D1024-tok", dict(B=4, T=1500, D=1024, per_token=True)),
-        Case("B4-T2000-D2048", dict(B=4, T=2000, D=2048, per_token=False)),
-    ]
-
-
-def _adaln_inputs(case: Case, dtype: torch.dtype, device: torch.device):
-    from seqkern.testing import make_adaln_inputs
-
-    p = case.params
-    x, g, b, dy = make_adaln_inputs(
-        p["B"], p["T"], p["D"], dtype=dtype, device=device, per_token=p["per_token"]
-    )
-    return [x, g, b], dy
-
-
-def _adaln_upstream(x: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
-    # espnet2/speechlm/module/transformer.py AdaLN, with the level projections already applied.
-    return seqkern.adaln_ref(x, gamma, beta)
-
-
-def _compile_provider(fn: Callable) -> Provider:
-    _raise_recompile_limit()
-    return Provider("compile", torch.compile(fn, dynamic=False))
-
-
-def _adaln_baselines(device: torch.device, quick: bool) -> list[Provider]:
-    out = [Provider("upstream", _adaln_upstream)]
-    if not (quick and device.type == "cpu"):
-        out.append(_compile_provider(seqkern.adaln_ref))
-    return out
-
-
-def _adaln_bytes(case: Case, dtype: torch.dtype, direction: str) -> int:
-    p = case.params
-    n, d = p["B"] * p["T"], p["D"]
-    es = torch.finfo(dtype).bits // 8
-    mod = (n if p["per_token"] else p["B"]) * d  # elements of gamma (and of beta)
-    if direction == "fwd":  # x, gamma, beta in; y out; fp32 mean, rstd out
-        return es * (2 * n * d + 2 * mod) + 8 * n
-    # dy, x, gamma, mean, rstd in; dx, dgamma, dbeta out
-    return es * (3 * n * d + 3 * mod) + 8 * n
-
-
-def _adaln_flops(case: Case, direction: str) -> int:
-    n = case.params["B"] * case.params["T"] * case.params["D"]
-    return (7 if direction == "fwd" else 11) * n
-
-
-# --------------------------------------------------------------------------------------------
-# BEATs relative-position-bias attention
-
-
-def _relbias_cases(quick: bool, device: torch.device) -> list[Case]:
-    if quick:
-        return [Case("B2-H2-T40-hd16", dict(B=2, H=2, T=40, hd=16))]
-    # BEATs: 12 heads of 64, B * T ~ 16k frames
-    return [
-        Case(f"B{B}-H12-T{T}-hd64", dict(B=B, H=12, T=T, hd=64))
-        for B, T in ((32, 500), (10, 1500), (5, 3000))
-    ]
-
-
-def _relbias_inputs(case: Case, dtype: torch.dtype, device: torch.device):
-    p = case.params
-    B, H, T, hd = p["B"], p["H"], p["T"], p["hd"]
-    gen = torch.Generator().manual_seed(0)
-
-    def rnd(*shape, scale=1.0):
-        return (scale * torch.randn(*shape, generator=gen)).to(device=device, dtype=dtype)
-
-    q, k, v = rnd(B, H, T, hd), rnd(B, H, T, hd), rnd(B, H, T, hd)
-    rel = rnd(H, 2 * T - 1, scale=0.5)
-    gate = (0.5 + torch.rand(B, H, T, 1, generator=gen)).to(device=device, dtype=dtype)
-    lengths = T - torch.arange(B) * (T // (2 * B))  # ragged, every row has keys
-    kpm = (torch.arange(T)[None] >= lengths[:, None]).to(device)
-    for t in (q, k, v, rel, gate):
-        t.requires_grad_()
-    return [q, k, v, rel, gate, kpm], rnd(B, H, T, hd)
-
-
-def _relbias_oracle(q, k, v, rel, gate, kpm):
-    from seqkern.reference.relbias import relbias_attention_ref
-
-    scale = q.shape[-1] ** -0.5
-    return relbias_attention_ref(q, k, v, scale, gate=gate, key_padding_mask=kpm, rel_bias=rel)[0]
-
-
-def _relbias_public(q, k, v, rel, gate, kpm):
-    from seqkern.ops.relbias import relbias_attention
-
-    scale = q.shape[-1] ** -0.5
-    return relbias_attention(q, k, v, scale, gate=gate, key_padding_mask=kpm, rel_bias=rel)[0]
-
-
-def _dense_bias(rel: Tensor, T: int) -> Tensor:
-    from seqkern.reference.relbias import expand_rel_bias
-
-    return expand_rel_bias(rel, T, T).unsqueeze(0)  # (1, H, T, T)
-
-
-def _relbias_upstream(q, k, v, rel, gate, kpm):
-    # upstream materialises the bias, repeated over the batch, and runs eager attention
-    from seqkern.reference.relbias import relbias_attention_ref
-
-    B, H, T, _ = q.shape
-    bias = _dense_bias(rel, T).expand(B, H, T, T).contiguous()
-    return relbias_attention_ref(
-        q, k, v, q.shape[-1] ** -0.5, bias=bias, gate=gate, key_padding_mask=kpm
-    )[0]
-
-
-def _relbias_sdpa(q, k, v, rel, gate, kpm):
-    T = q.shape[2]
-    mask = gate * _dense_bias(rel, T)
-    mask = mask.masked_fill(kpm[:, None, None, :], float("-inf"))
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
-
-def _relbias_sdpa_nobias(q, k, v, rel, gate, kpm):
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v)
-
-
-def _relbias_flex_provider() -> Provider | None:
-    try:
-        from torch.nn.attention.flex_attention import flex_attention
-    except ImportError:
-        return None
-    _raise_recompile_limit()
-    flex = torch.compile(flex_attention, dynamic=False)
-
-    def run(q, k, v, rel, gate, kpm):
-        T = q.shape[2]
-        lengths = (~kpm).sum(-1)
-
-        def score_mod(score, b, h, q_idx, kv_idx):
-            bias = gate[b, h, q_idx, 0] * rel[h, kv_idx - q_idx + T - 1]
-            return torch.where(kv_idx < lengths[b], score + bias, float("-inf"))
-
-        return flex(q, k, v, score_mod=score_mod)
-
-    return Provider("flex", run)
-
-
-def _relbias_baselines(device: torch.device, quick: bool) -> list[Provider]:
-    out = [
-        Provider("upstream", _relbias_upstream),
-        Provider("sdpa", _relbias_sdpa),
-        Provider("sdpa_nobias", _relbias_sdpa_nobias, exact=False),
-    ]
-    if device.type == "cuda":
-        flex = _relbias_flex_provider()
-        if flex is not None:
-            out.append(flex)
-    return out
-
-
-def _relbias_bytes(case: Case, dtype: torch.dtype, direction: str) -> int:
-    p = case.params
-    es = torch.finfo(dtype).bits // 8
-    qkvo = p["B"] * p["H"] * p["T"] * p["hd"]
-    return es * qkvo * (4 if direction == "fwd" else 8)  # q,k,v,o (+ do, dq, dk, dv)
-
-
-def _relbias_flops(case: Case, direction: str) -> int:
-    p = case.params
-    fwd = 4 * p["B"] * p["H"] * p["T"] ** 2 * p["hd"]
-    return fwd if direction == "fwd" else int(2.5 * fwd)  # flash-attention's convention
-
-
-SPECS: dict[str, OpBench] = {
-    "adaln": OpBench(
-        op="adaln",
-        cases=_adaln_cases,
-        make_inputs=_adaln_inputs,
-        oracle=seqkern.adaln_ref,
-        public=seqkern.adaln,
-        baselines=_adaln_baselines,
-        bytes=_adaln_bytes,
-        flops=_adaln_flops,
-    ),
-    "relbias_attention": OpBench(
-        op="relbias_attention",
-        cases=_relbias_cases,
-        make_inputs=_relbias_inputs,
-        oracle=_relbias_oracle,
-        public=_relbias_public,
-        baselines=_relbias_baselines,
-        bytes=_relbias_bytes,
-        flops=_relbias_flops,
-        oracle_dtype=torch.float32,
-        gpu_dtypes=(torch.bfloat16,),  # the issue's targets are bf16; keeps gpu_check short
-    ),
-}
-
+SPECS: dict[str, OpBench] = {s.op: s for s in (_adaln_spec.SPEC, _relbias_spec.SPEC)}
 
 # --------------------------------------------------------------------------------------------
 # Harness
-
-
-def _raise_recompile_limit() -> None:
-    # One compiled function sees every case x dtype: let it specialise on each.
-    cfg = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(cfg, name):
-            setattr(cfg, name, max(getattr(cfg, name), 64))
 
 
 def _sync(device: torch.device) -> None:
@@ -554,7 +300,7 @@ def slug(text: str) -> str:
 
 
 def _commit() -> str | None:
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
