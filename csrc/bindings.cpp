@@ -15,6 +15,9 @@ namespace seqkern {
 namespace adaln {
 void bind(pybind11::module_& m);
 }
+namespace linear {
+void bind(pybind11::module_& m);
+}
 }  // namespace seqkern
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -30,4 +33,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   m.attr("build_info") = info;
   seqkern::adaln::bind(m);
+  seqkern::linear::bind(m);
 }
