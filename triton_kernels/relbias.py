@@ -472,7 +472,7 @@ def _relbias_bwd_dq_kernel(
                 rel = offs_n[None, :] - offs_m[:, None] + T - 1
                 tl.atomic_add(DRB + h * s_drb_h + rel, dbias, mask=mask_mn)
             if BIAS_MODE == 2:
-                # dense: DRB is (B, H, T, S) fp32, written once per element
+                # dense: DRB is (B, H, T, S) fp32, written once per element up to key_end
                 off = ((b * H + h) * T + offs_m[:, None]) * S + offs_n[None, :]
                 tl.store(DRB + off, dbias, mask=mask_mn)
     tl.store(
@@ -624,7 +624,8 @@ def relbias_attention_bwd(
     if bias_grad and mode == BIAS_REL:
         drb = torch.zeros((H, T + S - 1), dtype=torch.float32, device=q.device)
     elif bias_grad and mode == BIAS_DENSE:
-        drb = torch.empty((B, H, T, S), dtype=torch.float32, device=q.device)
+        # zeros: the kernel stops at each row's last unpadded key, past which the gradient is 0
+        drb = torch.zeros((B, H, T, S), dtype=torch.float32, device=q.device)
     bm, bn, bd, warps = _blocks(hd, q.device)
     common = (*rb_strides,)
     _relbias_bwd_dkdv_kernel[(triton.cdiv(S, bn), B * H)](
