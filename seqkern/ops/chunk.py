@@ -1,49 +1,189 @@
-"""MEGA's single-head chunked attention: the public function, run on the selected backend.
+"""chunk_attention: MEGA's single-head (chunked) attention with an additive relative bias.
 
-Only the reference backend exists so far (plain differentiable PyTorch in
-`seqkern.reference.chunk`); a flash-style kernel over chunks registers under the same op name.
+Backends: `reference` (the forward of `seqkern.reference.chunk.chunk_attention_ref`, plain
+PyTorch, and a hand-written backward that reproduces autograd through it) and `triton`
+(flash-style forward and backward over blocks of the inputs, V tiled; a per-offset bias is
+gathered per tile, so nothing lq x lk is built). Both stages are torch.library ops with fakes:
+
+    seqkern::chunk_attention(Tensor q, Tensor k, Tensor v, Tensor bias, Tensor? key_padding_mask,
+        int chunk_size, bool causal, float scaling) -> (Tensor out, Tensor lse)
+    seqkern::chunk_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out,
+        Tensor lse, Tensor bias, Tensor? key_padding_mask, int chunk_size, bool causal,
+        float scaling, bool bias_grad) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias)
+
+out is (B, Lq, V) in q's dtype, lse (B, Lq) float32 (float64 for float64 inputs; +inf on rows
+that see no key); the gradients come in their inputs' dtypes, dbias empty when not asked for.
+Attention dropout in training needs the probabilities: it runs `chunk_attention_ref` itself
+under autograd (the Triton backend declines it).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
 
 from seqkern import backends
+from seqkern.ops._library import define_op
 from seqkern.reference.chunk import chunk_attention_ref
 
 OP = "chunk_attention"
 
 
-def chunk_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    bias: Tensor,
-    key_padding_mask: Tensor | None = None,
-    chunk_size: int = -1,
-    causal: bool = True,
-    scaling: float | None = None,
-    dropout_p: float = 0.0,
-    training: bool = False,
-) -> Tensor:
-    """Single-head attention with additive bias, optionally block-diagonal over chunks.
+def _block_shape(lq: int, lk: int, chunk_size: int) -> tuple[int, int, bool]:
+    """(lq, lk, chunked) of one attention block."""
+    chunked = 0 < chunk_size < lk and lq == lk
+    return (chunk_size, chunk_size, True) if chunked else (lq, lk, False)
 
-    Args:
-        q: (B, Lq, K). k: (B, Lk, K). v: (B, Lk, V). Same dtype and device.
-        bias: (c, c) when chunked (chunk_size > 0 and Lq == Lk > chunk_size, Lk a multiple of
-            chunk_size), else (Lq, Lk).
-        key_padding_mask: optional (B, Lk) bool, True = padding; a block whose keys are all
-            padding is left unmasked (upstream's rule).
-        causal: causal mask with queries aligned to the end of the keys.
-        scaling: multiplies q (default K ** -0.5). dropout_p/training: dropout on probabilities.
-    Returns:
-        (B, Lq, V); rows with no visible key are 0. Softmax in float32, cast back.
 
-    Example:
-        >>> q = k = torch.randn(2, 12, 8); v = torch.randn(2, 12, 20)
-        >>> o = seqkern.ops.chunk.chunk_attention(q, k, v, torch.zeros(4, 4), chunk_size=4)
-    """
+def _stats_dtype(q: Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference backend's stages, with the contract of every backend: the forward returns
+# (out, lse), the backward the gradients. An op's implementation runs below autograd (and inside
+# any dispatch mode), so the backward cannot call autograd through the oracle: it is written out
+# step by step as autograd would differentiate `chunk_attention_ref` (the same float32 softmax
+# and its backward kernel, the same casts), which keeps upstream's numerics to the last bit that
+# matters (the MEGA compat tests compare gradients with upstream in float64 to 1e-9). The tests
+# check the stages against autograd through the oracle.
+
+
+def _oracle_logits(q, k, bias, key_padding_mask, chunk_size, causal, scaling):
+    """The oracle's logits (B, blocks, lq, lk) in q's dtype, -inf where hidden, and the mask of
+    rows that see no key (B or 1, blocks or 1, lq, 1)."""
+    B, Lq, _ = q.shape
+    lq, lk, _ = _block_shape(Lq, k.shape[1], chunk_size)
+    q4 = q.reshape(B, -1, lq, q.shape[2])
+    k4 = k.reshape(B, -1, lk, k.shape[2])
+    i, j = torch.arange(lq, device=q.device), torch.arange(lk, device=q.device)
+    full_bias = bias[j[None, :] - i[:, None] + lq - 1] if bias.dim() == 1 else bias
+    logits = torch.matmul(q4 * scaling, k4.transpose(2, 3)) + full_bias
+    hidden = torch.zeros((lq, lk), dtype=torch.bool, device=q.device)
+    if causal:
+        hidden = j[None, :] > i[:, None] + (lk - lq)
+    hidden = hidden.view(1, 1, lq, lk)
+    if key_padding_mask is not None:
+        pad = key_padding_mask.reshape(B, -1, lk)
+        pad = pad & ~pad.all(dim=-1, keepdim=True)  # upstream: an all-padding block is unmasked
+        hidden = hidden | pad.unsqueeze(2)
+    return logits.masked_fill(hidden, -math.inf), hidden.all(dim=-1, keepdim=True)
+
+
+def _reference_fwd(q, k, v, bias, key_padding_mask, chunk_size, causal, scaling):
+    """-> (the oracle's out (B, Lq, V), lse (B, Lq) fp32 (fp64 for fp64 inputs), +inf on rows
+    that see no key)."""
+    out = chunk_attention_ref(q, k, v, bias, key_padding_mask, chunk_size, causal, scaling)
+    logits, _ = _oracle_logits(q, k, bias, key_padding_mask, chunk_size, causal, scaling)
+    lse = torch.logsumexp(logits.to(_stats_dtype(q)), dim=-1)
+    lse = torch.where(torch.isneginf(lse), math.inf, lse).reshape(q.shape[:2])
+    return out.contiguous(), lse
+
+
+def _reference_bwd(
+    dout, q, k, v, out, lse, bias, key_padding_mask, chunk_size, causal, scaling, bias_grad
+):
+    """-> (dq, dk, dv, dbias or None) in the inputs' dtypes: the oracle's softmax recomputed
+    (out and lse are not needed), then dV = P^T dO, dS = softmax_backward(dO V^T) in float32,
+    dQ = scaling dS K, dK = dS^T (scaling Q), and dS summed over the blocks (and, per offset,
+    along each diagonal j - i) for the bias."""
+    logits, dead = _oracle_logits(q, k, bias, key_padding_mask, chunk_size, causal, scaling)
+    B, nb, lq, lk = logits.shape
+    p32 = torch.softmax(logits.masked_fill(dead, 0.0), dim=-1, dtype=torch.float32)
+    p = p32.type_as(logits).masked_fill(dead, 0.0)
+    do = dout.reshape(B, nb, lq, -1)
+    v4 = v.reshape(B, nb, lk, -1)
+    dv = torch.matmul(p.transpose(2, 3), do)
+    dp = torch.matmul(do, v4.transpose(2, 3)).masked_fill(dead, 0.0).float()
+    ds = torch.ops.aten._softmax_backward_data(dp, p32, -1, torch.float32).type_as(logits)
+    ds = ds.masked_fill(dead | torch.isneginf(logits), 0.0)
+    dq = torch.matmul(ds, k.reshape(B, nb, lk, -1)) * scaling
+    dk = torch.matmul(ds.transpose(2, 3), q.reshape(B, nb, lq, -1) * scaling)
+    dbias = None
+    if bias_grad:
+        dbias = ds.sum(dim=(0, 1))
+        if bias.dim() == 1:
+            i, j = torch.arange(lq, device=q.device), torch.arange(lk, device=q.device)
+            diagonal = (j[None, :] - i[:, None] + lq - 1).reshape(-1)
+            rel = torch.zeros(bias.shape, dtype=dbias.dtype, device=q.device)
+            dbias = rel.index_add_(0, diagonal, dbias.reshape(-1))
+        dbias = dbias.to(bias.dtype)
+    return (
+        dq.reshape(q.shape).to(q.dtype),
+        dk.reshape(k.shape).to(k.dtype),
+        dv.reshape(v.shape).to(v.dtype),
+        dbias,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library ops. An absent gradient is an empty tensor.
+
+
+def _fwd_impl(q, k, v, bias, key_padding_mask, chunk_size, causal, scaling):
+    kernel = backends.select(OP, q, k, v, bias, 0.0, False)
+    return tuple(kernel.fwd(q, k, v, bias, key_padding_mask, chunk_size, causal, scaling))
+
+
+def _fwd_fake(q, k, v, bias, key_padding_mask, chunk_size, causal, scaling):
+    B, Lq, _ = q.shape
+    out = q.new_empty((B, Lq, v.shape[2]))
+    return out, q.new_empty((B, Lq), dtype=_stats_dtype(q))
+
+
+def _bwd_impl(dout, q, k, v, out, lse, bias, kpm, chunk_size, causal, scaling, bias_grad):
+    kernel = backends.select(OP, q, k, v, bias, 0.0, False)
+    dq, dk, dv, dbias = kernel.bwd(
+        dout, q, k, v, out, lse, bias, kpm, chunk_size, causal, scaling, bias_grad
+    )
+    return dq, dk, dv, bias.new_empty(0) if dbias is None else dbias
+
+
+def _bwd_fake(dout, q, k, v, out, lse, bias, kpm, chunk_size, causal, scaling, bias_grad):
+    dbias = bias.new_empty(bias.shape) if bias_grad else bias.new_empty(0)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
+
+
+define_op(
+    "chunk_attention",
+    "(Tensor q, Tensor k, Tensor v, Tensor bias, Tensor? key_padding_mask, int chunk_size,"
+    " bool causal, float scaling) -> (Tensor out, Tensor lse)",
+    _fwd_impl,
+    _fwd_fake,
+)
+define_op(
+    "chunk_attention_bwd",
+    "(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor bias,"
+    " Tensor? key_padding_mask, int chunk_size, bool causal, float scaling, bool bias_grad)"
+    " -> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias)",
+    _bwd_impl,
+    _bwd_fake,
+)
+
+
+class ChunkAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, bias, key_padding_mask, chunk_size, causal, scaling):
+        out, lse = torch.ops.seqkern.chunk_attention(
+            q, k, v, bias, key_padding_mask, chunk_size, causal, scaling
+        )
+        ctx.save_for_backward(q, k, v, bias, key_padding_mask, out, lse)
+        ctx.args = (chunk_size, causal, scaling)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, bias, kpm, out, lse = ctx.saved_tensors
+        bias_grad = ctx.needs_input_grad[3]
+        dq, dk, dv, dbias = torch.ops.seqkern.chunk_attention_bwd(
+            dout, q, k, v, out, lse, bias, kpm, *ctx.args, bias_grad
+        )
+        return dq, dk, dv, dbias if bias_grad else None, None, None, None, None
+
+
+def _check(q, k, v, bias, key_padding_mask, chunk_size, dropout_p) -> None:
     for name, t in (("q", q), ("k", k), ("v", v), ("bias", bias)):
         if not isinstance(t, Tensor):
             raise ValueError(f"chunk_attention: {name} must be a torch.Tensor")
@@ -70,9 +210,12 @@ def chunk_attention(
         raise ValueError(
             f"chunk_attention: chunk_size {chunk_size} must divide the length {lk} (pad first)"
         )
-    want = (chunk_size, chunk_size) if chunked else (lq, lk)
-    if tuple(bias.shape) != want:
-        raise ValueError(f"chunk_attention: bias must be {want}, got {tuple(bias.shape)}")
+    bq, bk = (chunk_size, chunk_size) if chunked else (lq, lk)
+    if tuple(bias.shape) not in ((bq, bk), (bq + bk - 1,)):
+        raise ValueError(
+            f"chunk_attention: bias must be the ({bq}, {bk}) matrix or its per-offset vector "
+            f"({bq + bk - 1},), got {tuple(bias.shape)}"
+        )
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool:
             raise ValueError("chunk_attention: key_padding_mask must be a bool tensor")
@@ -81,12 +224,110 @@ def chunk_attention(
                 f"chunk_attention: key_padding_mask must be (B, Lk) = {(b, lk)}, "
                 f"got {tuple(key_padding_mask.shape)}"
             )
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"chunk_attention: key_padding_mask must be on q's device {q.device}")
     if not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"chunk_attention: dropout_p must be in [0, 1], got {dropout_p}")
-    kernel = backends.select(OP, q, k)
-    return kernel.fwd(
-        q, k, v, bias, key_padding_mask, chunk_size, causal, scaling, dropout_p, training
+
+
+def chunk_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Tensor,
+    key_padding_mask: Tensor | None = None,
+    chunk_size: int = -1,
+    causal: bool = True,
+    scaling: float | None = None,
+    dropout_p: float = 0.0,
+    training: bool = False,
+) -> Tensor:
+    """Single-head attention with additive bias, optionally block-diagonal over chunks.
+
+    Args:
+        q: (B, Lq, K). k: (B, Lk, K). v: (B, Lk, V). Same dtype and device; any strides (e.g.
+            transposes of time-major (L, B, ·) tensors).
+        bias: for one block of (lq, lk) = (c, c) when chunked (chunk_size > 0 and
+            Lq == Lk > chunk_size, Lk a multiple of chunk_size), else (Lq, Lk); shared by every
+            block. Either the (lq, lk) matrix or its per-offset vector `rel` of length
+            lq + lk - 1, bias[i, j] = rel[j - i + lq - 1] (MEGA's "simple" bias: rel =
+            w[M - lk : M + lq - 1]); the vector form never builds an lq x lk tensor on the Triton
+            backend, and its gradient is the diagonal sums of d logits.
+        key_padding_mask: optional (B, Lk) bool, True = padding; a block whose keys are all
+            padding is left unmasked (upstream's rule).
+        causal: causal mask with queries aligned to the end of the keys (query i sits at key
+            position lk - lq + i).
+        scaling: multiplies q (default K ** -0.5). dropout_p/training: dropout on probabilities
+            (reference backend only).
+    Returns:
+        (B, Lq, V) in q's dtype; rows with no visible key are 0. Softmax in float32.
+
+    Example:
+        >>> q = k = torch.randn(2, 12, 8); v = torch.randn(2, 12, 20)
+        >>> o = seqkern.ops.chunk.chunk_attention(q, k, v, torch.zeros(4, 4), chunk_size=4)
+        >>> o = seqkern.ops.chunk.chunk_attention(q, k, v, torch.zeros(7), chunk_size=4)
+    """
+    _check(q, k, v, bias, key_padding_mask, chunk_size, dropout_p)
+    scaling = float(q.shape[2] ** -0.5 if scaling is None else scaling)
+    if dropout_p > 0 and training:
+        backends.select(OP, q, k, v, bias, dropout_p, training)  # BackendError if disallowed
+        return chunk_attention_ref(
+            q, k, v, bias, key_padding_mask, chunk_size, causal, scaling, dropout_p, training
+        )
+    if torch.is_grad_enabled() and (
+        q.requires_grad or k.requires_grad or v.requires_grad or bias.requires_grad
+    ):
+        return ChunkAttentionFunction.apply(
+            q, k, v, bias, key_padding_mask, chunk_size, causal, scaling
+        )
+    # no graph to record (e.g. a decoding step): the forward op alone
+    out, _ = torch.ops.seqkern.chunk_attention(
+        q, k, v, bias, key_padding_mask, chunk_size, causal, scaling
+    )
+    return out
+
+
+_TRITON_MAX_QK_SIZE = 256  # the kernels hold all of K in one tile
+
+
+def _supports_triton(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor, dropout_p: float, training: bool
+) -> str | None:
+    if q.device.type == "cpu":
+        if not backends.triton_interpret():
+            return "CPU tensors need the Triton interpreter (TRITON_INTERPRET=1)"
+        if q.dtype == torch.bfloat16:
+            return "the Triton interpreter has no bfloat16"
+    elif q.device.type != "cuda":
+        return f"needs CUDA tensors, got {q.device}"
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"dtype {q.dtype} not supported (float32, float16, bfloat16)"
+    if not k.dtype == v.dtype == bias.dtype == q.dtype:
+        return "q, k, v and bias must share one dtype"
+    if dropout_p > 0 and training:
+        return "attention dropout is not implemented in the Triton kernel"
+    if q.shape[2] > _TRITON_MAX_QK_SIZE:
+        return f"qk size {q.shape[2]} > {_TRITON_MAX_QK_SIZE} (one K tile per program)"
+    if q.numel() == 0 or v.numel() == 0:
+        return "empty inputs"
+    return None
+
+
+def _triton_fwd(q, k, v, bias, key_padding_mask, chunk_size, causal, scaling):
+    from seqkern._triton.mega_attention import chunk_attention_fwd
+
+    return chunk_attention_fwd(q, k, v, bias, key_padding_mask, chunk_size, causal, scaling)
+
+
+def _triton_bwd(dout, q, k, v, out, lse, bias, kpm, chunk_size, causal, scaling, bias_grad):
+    from seqkern._triton.mega_attention import chunk_attention_bwd
+
+    return chunk_attention_bwd(
+        dout, q, k, v, out, lse, bias, kpm, chunk_size, causal, scaling, bias_grad
     )
 
 
-backends.register_reference(OP, chunk_attention_ref)
+backends.register(
+    backends.Kernel(OP, "reference", _reference_fwd, _reference_bwd, backends.always_supported)
+)
+backends.register(backends.Kernel(OP, "triton", _triton_fwd, _triton_bwd, _supports_triton))

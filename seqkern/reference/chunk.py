@@ -29,7 +29,10 @@ def chunk_attention_ref(
 
     Args:
         q: (B, Lq, K) queries. k: (B, Lk, K) keys. v: (B, Lk, V) values.
-        bias: additive bias, (c, c) in chunked mode, else (Lq, Lk).
+        bias: additive bias for one block of (lq, lk) = (c, c) in chunked mode, else (Lq, Lk),
+            shared by every block: either the (lq, lk) matrix or its per-offset form, a vector
+            `rel` of length lq + lk - 1 with bias[i, j] = rel[j - i + lq - 1] (MEGA's "simple"
+            relative-position bias).
         key_padding_mask: optional (B, Lk) bool, True = padding. Upstream's rule: within a
             block (a chunk, or the whole sequence) whose keys are all padding the mask is not
             applied.
@@ -67,6 +70,9 @@ def chunk_attention_ref(
         pad = None if key_padding_mask is None else key_padding_mask.unsqueeze(1)
         bq, bk = lq, lk
 
+    if bias.dim() == 1:  # per-offset form: bias[i, j] = rel[j - i + bq - 1]
+        i, j = torch.arange(bq, device=q.device), torch.arange(bk, device=q.device)
+        bias = bias[j[None, :] - i[:, None] + bq - 1]
     logits = torch.matmul(q4 * scaling, k4.transpose(2, 3)) + bias  # (B, nc, bq, bk)
     masked = torch.zeros((1, 1, bq, bk), dtype=torch.bool, device=q.device)
     if causal:

@@ -100,9 +100,49 @@ def _relbias_variants():
             yield (f"relbias_bwd_dq-{tag}", R._relbias_bwd_dq_kernel, types, dq_const)
 
 
+def _mega_attention_variants():
+    from seqkern._triton import mega_attention as M
+
+    # (dtype, precision, lq, lk, K, V, bias gradient, combinations of (bias form, causal,
+    # padding)): MEGA's training shape with every combination, the widest rows (fp32, K = 256)
+    # and a decoding step with two each; tiles as the launcher picks them for a GPU
+    every = [(m, c, c) for m in (M.BIAS_REL, M.BIAS_DENSE) for c in (True, False)]
+    two = [(M.BIAS_REL, True, True), (M.BIAS_DENSE, False, False)]
+    for dt, precision, lq, lk, qk, vs, bias_grad, combos in (
+        ("bf16", "tf32", 512, 512, 128, 1024, True, every),
+        ("fp32", "ieee", 128, 128, 256, 2048, True, two),
+        ("bf16", "tf32", 1, 300, 64, 1024, False, two),
+    ):
+        cfg = M.blocks(lq, lk, qk, vs, "cuda", 4 if dt == "fp32" else 2)
+        types = {n: f"*{dt}" for n in ("Q", "K", "V", "BIAS", "O", "DO", "DQ", "DK", "DV")}
+        types.update(LSE="*fp32", DELTA="*fp32", WS="*fp32", KPM="*i8", KEND="*i32", scale="fp32")
+        for mode, causal, padded in combos:
+            flags = dict(BIAS_MODE=mode, CAUSAL=causal, HAS_KPM=padded, PRECISION=precision)
+            if not padded:
+                flags.update(KPM=None, KEND=None)
+            tag = f"{dt}-K{qk}-V{vs}-lq{lq}-mode{mode}-causal{causal}-pad{padded}"
+            for stage, kernel in (
+                ("fwd", M._chunk_attention_fwd_kernel),
+                ("dk", M._chunk_attention_bwd_dk_kernel),
+                ("dv", M._chunk_attention_bwd_dv_kernel),
+                ("dq", M._chunk_attention_bwd_dq_kernel),
+            ):
+                const = dict(cfg[stage], **flags)
+                const.pop("num_warps")  # compiled with the default 4 warps here
+                if stage == "dq":
+                    const["BIAS_GRAD"] = bias_grad
+                    if not bias_grad:
+                        const["WS"] = None
+                yield (f"mega_attention_{stage}-{tag}", kernel, types, const)
+
+
 def main(arch: int) -> dict:
     result = {"compiled": [], "failed": {}}
-    for name, kernel, types, constexprs in [*_adaln_variants(), *_relbias_variants()]:
+    for name, kernel, types, constexprs in [
+        *_adaln_variants(),
+        *_relbias_variants(),
+        *_mega_attention_variants(),
+    ]:
         try:
             compiled = _compile(kernel, types, constexprs, arch)
             assert "ptx" in compiled.asm and "cubin" in compiled.asm, "no ptx/cubin"
