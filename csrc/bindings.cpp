@@ -15,6 +15,9 @@ namespace seqkern {
 namespace adaln {
 void bind(pybind11::module_& m);
 }
+namespace ema {
+void bind(pybind11::module_& m);
+}
 namespace linear {
 void bind(pybind11::module_& m);
 }
@@ -33,5 +36,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   m.attr("build_info") = info;
   seqkern::adaln::bind(m);
+  seqkern::ema::bind(m);
   seqkern::linear::bind(m);
 }
