@@ -327,7 +327,69 @@ def _triton_bwd(dout, q, k, v, out, lse, bias, kpm, chunk_size, causal, scaling,
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# The cpu backend: the forward in one pass (logits once, lse and probabilities from them) and,
+# for long causal blocks, query tiles that skip the keys after them (about half the work).
+# Its backward is the reference's stages, which need only (out, lse).
+
+_CPU_QUERY_TILE = 128
+
+
+def _supports_cpu(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor, dropout_p: float, training: bool
+) -> str | None:
+    if q.device.type != "cpu":
+        return f"needs CPU tensors, got {q.device}"
+    if q.dtype not in (torch.float32, torch.float64, torch.bfloat16):
+        return f"dtype {q.dtype} not supported (float32, float64, bfloat16)"
+    if not k.dtype == v.dtype == bias.dtype == q.dtype:
+        return "q, k, v and bias must share one dtype"
+    if dropout_p > 0 and training:
+        return "attention dropout runs on the reference"
+    return None
+
+
+def _cpu_fwd(q, k, v, bias, key_padding_mask, chunk_size, causal, scaling):
+    B, Lq, K = q.shape
+    lq, lk, _ = _block_shape(Lq, k.shape[1], chunk_size)
+    q4 = q.reshape(B, -1, lq, K)
+    k4 = k.reshape(B, -1, lk, K)
+    v4 = v.reshape(B, -1, lk, v.shape[2])
+    i = torch.arange(lq, device=q.device)
+    j = torch.arange(lk, device=q.device)
+    full_bias = bias[j[None, :] - i[:, None] + lq - 1] if bias.dim() == 1 else bias
+    pad = None
+    if key_padding_mask is not None:
+        pad = key_padding_mask.reshape(B, -1, 1, lk)
+        pad = pad & ~pad.all(dim=-1, keepdim=True)  # upstream: an all-padding block is unmasked
+    stats = _stats_dtype(q)
+    tile = _CPU_QUERY_TILE if causal and lq > _CPU_QUERY_TILE else lq
+    outs, lses = [], []
+    for r0 in range(0, lq, tile):
+        r1 = min(lq, r0 + tile)
+        end = lk - lq + r1 if causal else lk  # the keys any row of this tile sees
+        logits = torch.matmul(q4[:, :, r0:r1] * scaling, k4[:, :, :end].transpose(2, 3))
+        logits = logits + full_bias[r0:r1, :end]
+        hidden = None
+        if causal:
+            hidden = (j[None, :end] > i[r0:r1, None] + (lk - lq)).view(1, 1, r1 - r0, end)
+        if pad is not None:
+            hidden = pad[..., :end] if hidden is None else hidden | pad[..., :end]
+        if hidden is not None:
+            logits = logits.masked_fill(hidden, -math.inf)
+        logits = logits.to(stats)
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+        lse = lse.masked_fill(torch.isneginf(lse), math.inf)  # rows that see no key: output 0
+        probs = torch.exp(logits - lse).to(q.dtype)
+        outs.append(torch.matmul(probs, v4[:, :, :end]))
+        lses.append(lse)
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    lse = lses[0] if len(lses) == 1 else torch.cat(lses, dim=2)
+    return out.reshape(B, Lq, v.shape[2]), lse.reshape(B, Lq)
+
+
 backends.register(
     backends.Kernel(OP, "reference", _reference_fwd, _reference_bwd, backends.always_supported)
 )
+backends.register(backends.Kernel(OP, "cpu", _cpu_fwd, _reference_bwd, _supports_cpu))
 backends.register(backends.Kernel(OP, "triton", _triton_fwd, _triton_bwd, _supports_triton))

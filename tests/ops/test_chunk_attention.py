@@ -162,6 +162,29 @@ def test_triton_matches_oracle(device, dtype, case):
         assert_close_to_oracle(grads[n], oracle_grads[n], ref_grads[n], name=f"d{n}")
 
 
+# The cpu backend: every CPU case, plus long causal blocks that its query tiles (128 rows) split.
+CPU_BACKEND_CASES = CPU_CASES + [
+    Case(2, 300, 300, 8, 24, -1, True, "rel", "ragged"),  # 3 query tiles, the last partial
+    Case(2, 260, 300, 8, 24, -1, True, "dense", "row"),  # Lq < Lk: tiles end-aligned to keys
+    Case(2, 256, 256, 16, 16, 128, True, "rel", "chunk"),  # chunked: one tile per chunk
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CPU_BACKEND_CASES, ids=repr)
+def test_cpu_backend_matches_oracle(case, dtype):
+    seed = case.B * 1000 + case.Lq * 10 + case.K + case.V
+    tensors, pad, dout = _make(case, dtype, "cpu", seed)
+    out, grads = _run(tensors, pad, dout, case, "cpu")
+    oracle, oracle_grads = _run(_detached(tensors, torch.float64), pad, dout.double(), case, None)
+    ref, ref_grads = _run(_detached(tensors, dtype), pad, dout, case, None)
+    assert out.dtype == dtype
+    assert_close_to_oracle(out, oracle, ref, name="out")
+    for n in grads:
+        assert grads[n].shape == tensors[n].shape and grads[n].dtype == dtype, n
+        assert_close_to_oracle(grads[n], oracle_grads[n], ref_grads[n], name=f"d{n}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16], ids=str)
 @pytest.mark.parametrize("case", [CPU_CASES[2], CPU_CASES[4], CPU_CASES[12]], ids=repr)
 def test_reference_backend_stages(case, dtype):
@@ -183,12 +206,13 @@ def test_lse_agrees_between_backends(case):
     tensors, pad, _ = _make(case, torch.float32, "cpu", seed=2)
     args = [tensors[n].detach() for n in ("q", "k", "v", "bias")]
     lses = {}
-    for backend in ("reference", "triton"):
+    for backend in ("reference", "triton", "cpu"):
         with use_backend(backend):
             _, lses[backend] = torch.ops.seqkern.chunk_attention(
                 *args, pad, case.chunk, case.causal, case.K**-0.5
             )
     torch.testing.assert_close(lses["triton"], lses["reference"])
+    torch.testing.assert_close(lses["cpu"], lses["reference"])
     assert torch.isinf(lses["triton"]).any() == torch.isinf(lses["reference"]).any()
 
 
@@ -291,7 +315,7 @@ OPCHECK_CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "cpu"])
 @pytest.mark.parametrize("case", OPCHECK_CASES, ids=repr)
 def test_chunk_attention_opcheck(backend, case):
     tensors, pad, dout = _make(case, torch.float32, "cpu", seed=3)
