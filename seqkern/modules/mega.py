@@ -26,6 +26,16 @@ from torch import Tensor, nn
 from seqkern.modules.sequence import SequenceModule
 from seqkern.ops.chunk import chunk_attention
 from seqkern.ops.ema import ema, ema_step
+from seqkern.ops.linear import linear_rows
+
+
+def _linear(layer: nn.Linear, x: Tensor) -> Tensor:
+    """`layer(x)`; a one-step (1, B, ·) input runs as a B-row matrix-vector product
+    (`linear_rows`: the weight read once), unless the layer has hooks that must see the call."""
+    if x.dim() == 3 and x.shape[0] == 1 and not (layer._forward_hooks or layer._forward_pre_hooks):
+        return linear_rows(x[0], layer.weight, layer.bias).unsqueeze(0)
+    return layer(x)
+
 
 # ---------------------------------------------------------------------------------------------
 # Activations (espnet2/asr_transducer/activation.py)
@@ -212,16 +222,28 @@ class RelativePositionBias(nn.Module):
     def reset_parameters(self, val: float = 0.0, std: float = 0.02) -> None:
         nn.init.normal_(self.relative_position_bias, mean=val, std=std)
 
-    def forward(self, length: int) -> Tensor:
-        """(length, length) bias; ValueError when length > max_positions (as upstream)."""
+    def _check_length(self, length: int) -> None:
         if length > self.max_positions:
             raise ValueError(
                 f"Length {length} is too long for the maximum number of "
                 f"allowed positions {self.max_positions}."
             )
+
+    def forward(self, length: int) -> Tensor:
+        """(length, length) bias; ValueError when length > max_positions (as upstream)."""
+        self._check_length(length)
         pos = torch.arange(length, device=self.relative_position_bias.device)
         offsets = pos.unsqueeze(0) - pos.unsqueeze(1) + (self.max_positions - 1)
         return self.relative_position_bias[offsets]
+
+    def offsets(self, query_length: int, key_length: int) -> Tensor:
+        """The same bias as a per-offset vector, for the last `query_length` rows of
+        `forward(key_length)`: rel (query_length + key_length - 1,) with
+        bias[i, j] = rel[j - i + query_length - 1]. A view of the parameter: nothing
+        (query_length x key_length) is built, and the attention kernels gather it per tile."""
+        self._check_length(key_length)
+        m = self.max_positions
+        return self.relative_position_bias[m - key_length : m + query_length - 1]
 
 
 class RotaryRelativePositionBias(nn.Module):
@@ -335,18 +357,28 @@ class MultiHeadDampedEMA(SequenceModule):
         mask: Tensor | None = None,
         state: dict[str, Tensor | None] | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        residual = x * self.residual_weight
+        # The residual x * residual_weight (unmasked x) is fused into the EMA ops' output.
+        omega = self.residual_weight
         if state is not None:
             if x.shape[0] != 1:
                 raise ValueError(f"MultiHeadDampedEMA: a step takes L = 1, got x {tuple(x.shape)}")
             xt = x[0]
             if mask is not None:
-                xt = xt.masked_fill(mask[:, 0, -1:], 0.0)
-            y, new_state = ema_step(xt, state["ema_state"], *self._params())
-            return self.activation(y.unsqueeze(0) + residual), new_state
+                y, new_state = ema_step(
+                    xt.masked_fill(mask[:, 0, -1:], 0.0), state["ema_state"], *self._params()
+                )
+                return self.activation((y + xt * omega).unsqueeze(0)), new_state
+            y, new_state = ema_step(xt, state["ema_state"], *self._params(), omega=omega)
+            return self.activation(y.unsqueeze(0)), new_state
         pad = None if mask is None else mask[:, 0, :]
-        y = ema(x.transpose(0, 1), *self._params(), pad_mask=pad, truncation=self.truncation_length)
-        return self.activation(y.transpose(0, 1) + residual), None
+        y = ema(
+            x.transpose(0, 1),
+            *self._params(),
+            pad_mask=pad,
+            truncation=self.truncation_length,
+            omega=omega,
+        )
+        return self.activation(y.transpose(0, 1)), None
 
     # SequenceModule interface -----------------------------------------------------------
     def default_state(self, *batch_shape: int, device: Any = None) -> Tensor:
@@ -356,8 +388,8 @@ class MultiHeadDampedEMA(SequenceModule):
 
     def step(self, x: Tensor, state: Tensor | None = None, **kwargs) -> tuple[Tensor, Tensor]:
         """x (B, D), state (B, D, h) / (D, h) / None -> (y (B, D), new state (B, D, h))."""
-        y, new_state = ema_step(x, state, *self._params())
-        return self.activation(y + x * self.residual_weight), new_state
+        y, new_state = ema_step(x, state, *self._params(), omega=self.residual_weight)
+        return self.activation(y), new_state
 
     @property
     def d_state(self) -> int:
@@ -398,8 +430,8 @@ class NormalizedPositionwiseFeedForward(nn.Module):
             nn.init.constant_(lin.bias, val)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.hidden_dropout(self.activation(self.linear1(x)))
-        return self.normalization(self.dropout(self.linear2(h)) + x)
+        h = self.hidden_dropout(self.activation(_linear(self.linear1, x)))
+        return self.normalization(self.dropout(_linear(self.linear2, h)) + x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -477,9 +509,9 @@ class MEGA(nn.Module):
     ) -> tuple[Tensor, dict[str, Tensor | None] | None]:
         length, batch, _ = x.shape
         residual = x
-        value = self.activation(self.proj_v(x))  # (L, B, V)
+        value = self.activation(_linear(self.proj_v, x))  # (L, B, V)
         ema_out, ema_state = self.multihead_damped_ema(x, mask=mask, state=state)
-        mx = self.proj_mx(self.dropout_ema(ema_out))
+        mx = _linear(self.proj_mx, self.dropout_ema(ema_out))
         gate, qk_gates, hidden = torch.split(
             mx, [self.size, self.qk_size + self.v_size, self.size], dim=-1
         )
@@ -510,9 +542,14 @@ class MEGA(nn.Module):
 
         ctx = key.shape[1]
         chunked = 0 < self.chunk_size < ctx and length == ctx
-        bias = self.rel_pos_bias(self.chunk_size if chunked else ctx)
-        if length != ctx:
-            bias = bias[-length:]
+        block = self.chunk_size if chunked else ctx
+        if isinstance(self.rel_pos_bias, RelativePositionBias):
+            # per offset, gathered in the kernel: (block_q + block - 1,)
+            bias = self.rel_pos_bias.offsets(block if chunked else length, block)
+        else:  # rotary: dense, built as upstream builds it (shared by the batch and chunks)
+            bias = self.rel_pos_bias(block)
+            if length != ctx:
+                bias = bias[-length:]
         out = chunk_attention(
             query,
             key,
@@ -526,7 +563,7 @@ class MEGA(nn.Module):
             training=self.training,
         ).transpose(0, 1)  # (L, B, V)
 
-        h = self.dropout(self.activation(hidden + self.proj_h(out * att_gate)))
+        h = self.dropout(self.activation(hidden + _linear(self.proj_h, out * att_gate)))
         return self.normalization(torch.addcmul(residual, gate, h - residual)), state
 
 
