@@ -31,11 +31,14 @@ from torch import Tensor
 import seqkern
 from seqkern import backends
 from seqkern.bench import adaln as _adaln_spec
+from seqkern.bench import mega as _mega_spec
 from seqkern.bench import relbias as _relbias_spec
 from seqkern.bench.core import BASELINES, DIRECTIONS, Case, OpBench, Provider
 from seqkern.testing import max_abs_error
 
-SPECS: dict[str, OpBench] = {s.op: s for s in (_adaln_spec.SPEC, _relbias_spec.SPEC)}
+SPECS: dict[str, OpBench] = {
+    s.op: s for s in (_adaln_spec.SPEC, _relbias_spec.SPEC, _mega_spec.EMA, _mega_spec.CHUNK)
+}
 
 # --------------------------------------------------------------------------------------------
 # Harness
