@@ -58,4 +58,12 @@ else
   echo "skipped: espnet2 202506 is not importable here (carry its wheel and typeguard's in .whl/)"
 fi
 
+echo "== end to end: ESPnet MEGADecoder forward and beam-search steps before and after seqkern.swap"
+if $PY -c "import espnet2.asr_transducer.decoder.mega_decoder" >/dev/null 2>&1; then
+  $PY benchmarks/mega_decoder.py --out "$OUT/results" 2>&1 | tee "$OUT/mega_decoder.log" | tail -30
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+else
+  echo "skipped: espnet2 202506 is not importable here (carry its wheel and typeguard's in .whl/)"
+fi
+
 exit $status

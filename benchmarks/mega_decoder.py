@@ -20,8 +20,10 @@ Needs ESPnet 202506 importable (`python tests/upstream/fetch.py` installs it).
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as _dt
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -75,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab", type=int, default=256)
     parser.add_argument("--beams", type=int, nargs="*", default=[4, 8])
     parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     parser.add_argument("--tiny", action="store_true", help="a 2-block 64-wide decoder")
     args = parser.parse_args(argv)
     if args.tiny:
@@ -87,24 +90,48 @@ def main(argv: list[str] | None = None) -> int:
     labels[:, 0] = 0  # the transducer's leading blank
     labels[-1, int(args.length * 0.75) :] = 0  # one ragged (right-padded) row
 
-    def measure(model) -> tuple[dict, torch.Tensor, dict]:
+    def workloads(model) -> dict:
         def forward():
             with torch.no_grad():
                 return model(labels)
 
-        runs = {beam: stream(model, beam, args.steps, device) for beam in args.beams}
-        with torch.no_grad():
-            fwd = forward().float()
-            streamed = {b: torch.stack([o.float() for o in r()]) for b, r in runs.items()}
-            ms = {"forward_ms": time_ms(forward, device, quick=args.tiny)}
-            for beam, run in runs.items():
-                ms[f"stream_beam{beam}_step_ms"] = time_ms(run, device, args.tiny) / args.steps
-        return ms, fwd, streamed
+        work = {"forward_ms": (forward, 1)}
+        for beam in args.beams:
+            run = stream(model, beam, args.steps, device)
+            work[f"stream_beam{beam}_step_ms"] = (run, args.steps)
+        return work
 
-    up, want_fwd, want_stream = measure(dec)
-    dec = seqkern.swap(dec)  # the decoder is the root: swap returns its replacement
-    assert type(dec).__module__.startswith("seqkern"), type(dec)
-    sk, got_fwd, got_stream = measure(dec)
+    def outputs(work) -> tuple[torch.Tensor, dict]:
+        with torch.no_grad():
+            fwd = work["forward_ms"][0]().float()
+            streamed = {
+                b: torch.stack([o.float() for o in work[f"stream_beam{b}_step_ms"][0]()])
+                for b in args.beams
+            }
+        return fwd, streamed
+
+    upstream = copy.deepcopy(dec)
+    swapped = seqkern.swap(dec)  # the decoder is the root: swap returns its replacement
+    assert type(swapped).__module__.startswith("seqkern"), type(swapped)
+    up_work, sk_work = workloads(upstream), workloads(swapped)
+    want_fwd, want_stream = outputs(up_work)
+    got_fwd, got_stream = outputs(sk_work)
+    # Interleaved rounds: a machine whose speed drifts affects both sides alike; each round's
+    # ratio is taken, and the medians reported.
+    rounds = 1 if args.tiny else args.rounds
+    times = {side: {k: [] for k in up_work} for side in ("upstream", "seqkern")}
+    with torch.no_grad():
+        for _ in range(rounds):
+            for side, work in (("upstream", up_work), ("seqkern", sk_work)):
+                for key, (fn, per) in work.items():
+                    times[side][key].append(time_ms(fn, device, quick=args.tiny) / per)
+    up = {k: statistics.median(v) for k, v in times["upstream"].items()}
+    sk = {k: statistics.median(v) for k, v in times["seqkern"].items()}
+    ratios = {
+        k: statistics.median(a / b for a, b in zip(times["upstream"][k], times["seqkern"][k]))
+        for k in up
+    }
+    dec = swapped
 
     valid = labels != 0
     valid[:, 0] = True
@@ -120,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps,
         "upstream_ms": up,
         "seqkern_ms": sk,
-        "speedup": {k: up[k] / sk[k] for k in up},
+        "rounds": rounds,
+        "speedup": ratios,  # median over rounds of upstream_ms / seqkern_ms
         "max_abs_diff_forward": float((got_fwd - want_fwd)[valid].abs().max()),
         "max_abs_diff_stream": max(
             float((got_stream[b] - want_stream[b]).abs().max()) for b in args.beams

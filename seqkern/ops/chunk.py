@@ -357,7 +357,12 @@ def _cpu_fwd(q, k, v, bias, key_padding_mask, chunk_size, causal, scaling):
     v4 = v.reshape(B, -1, lk, v.shape[2])
     i = torch.arange(lq, device=q.device)
     j = torch.arange(lk, device=q.device)
-    full_bias = bias[j[None, :] - i[:, None] + lq - 1] if bias.dim() == 1 else bias
+    if bias.dim() == 2:
+        full_bias = bias
+    elif lq == 1:  # a decoding step: the vector is the row
+        full_bias = bias.unsqueeze(0)
+    else:
+        full_bias = bias[j[None, :] - i[:, None] + lq - 1]
     pad = None
     if key_padding_mask is not None:
         pad = key_padding_mask.reshape(B, -1, 1, lk)
