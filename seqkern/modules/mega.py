@@ -743,6 +743,8 @@ class MEGADecoder(nn.Module):
         for s in rows[1:]:
             dtype = torch.promote_types(dtype, s.dtype)
         max_len = max(s.shape[0] for s in rows)
+        if all(s.shape[0] == max_len and s.dtype == dtype for s in rows):
+            return torch.stack(rows)  # nothing to pad
         out = torch.zeros(len(rows), max_len, dim, dtype=dtype, device=rows[0].device)
         for i, s in enumerate(rows):
             out[i, max_len - s.shape[0] :] = s

@@ -355,14 +355,16 @@ def _cpu_fwd(q, k, v, bias, key_padding_mask, chunk_size, causal, scaling):
     q4 = q.reshape(B, -1, lq, K)
     k4 = k.reshape(B, -1, lk, K)
     v4 = v.reshape(B, -1, lk, v.shape[2])
-    i = torch.arange(lq, device=q.device)
-    j = torch.arange(lk, device=q.device)
+    i = j = None
     if bias.dim() == 2:
         full_bias = bias
     elif lq == 1:  # a decoding step: the vector is the row
         full_bias = bias.unsqueeze(0)
     else:
+        i, j = torch.arange(lq, device=q.device), torch.arange(lk, device=q.device)
         full_bias = bias[j[None, :] - i[:, None] + lq - 1]
+    if causal and i is None:
+        i, j = torch.arange(lq, device=q.device), torch.arange(lk, device=q.device)
     pad = None
     if key_padding_mask is not None:
         pad = key_padding_mask.reshape(B, -1, 1, lk)
@@ -384,7 +386,8 @@ def _cpu_fwd(q, k, v, bias, key_padding_mask, chunk_size, causal, scaling):
             logits = logits.masked_fill(hidden, -math.inf)
         logits = logits.to(stats)
         lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-        lse = lse.masked_fill(torch.isneginf(lse), math.inf)  # rows that see no key: output 0
+        if hidden is not None or end == 0:  # a row that sees no key: lse +inf, output 0
+            lse = lse.masked_fill(torch.isneginf(lse), math.inf)
         probs = torch.exp(logits - lse).to(q.dtype)
         outs.append(torch.matmul(probs, v4[:, :, :end]))
         lses.append(lse)
