@@ -148,11 +148,12 @@ def _detached(tensors, dtype):
     return {n: t.detach().to(dtype).requires_grad_() for n, t in tensors.items()}
 
 
-@pytest.mark.parametrize("device,dtype,case", list(_cases()))
-def test_triton_matches_oracle(device, dtype, case):
+def _check_backend(backend, device, dtype, case):
+    """`backend`'s forward and every gradient against the float64 oracle, within twice the
+    reference's own error in `dtype` (plus the floor)."""
     seed = case.B * 1000 + case.Lq * 10 + case.K + case.V
     tensors, pad, dout = _make(case, dtype, device, seed)
-    out, grads = _run(tensors, pad, dout, case, "triton")
+    out, grads = _run(tensors, pad, dout, case, backend)
     oracle, oracle_grads = _run(_detached(tensors, torch.float64), pad, dout.double(), case, None)
     ref, ref_grads = _run(_detached(tensors, dtype), pad, dout, case, None)
     assert out.dtype == dtype
@@ -160,6 +161,11 @@ def test_triton_matches_oracle(device, dtype, case):
     for n in grads:
         assert grads[n].shape == tensors[n].shape and grads[n].dtype == dtype, n
         assert_close_to_oracle(grads[n], oracle_grads[n], ref_grads[n], name=f"d{n}")
+
+
+@pytest.mark.parametrize("device,dtype,case", list(_cases()))
+def test_triton_matches_oracle(device, dtype, case):
+    _check_backend("triton", device, dtype, case)
 
 
 # The cpu backend: every CPU case, plus long causal blocks that its query tiles (128 rows) split.
@@ -173,16 +179,7 @@ CPU_BACKEND_CASES = CPU_CASES + [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", CPU_BACKEND_CASES, ids=repr)
 def test_cpu_backend_matches_oracle(case, dtype):
-    seed = case.B * 1000 + case.Lq * 10 + case.K + case.V
-    tensors, pad, dout = _make(case, dtype, "cpu", seed)
-    out, grads = _run(tensors, pad, dout, case, "cpu")
-    oracle, oracle_grads = _run(_detached(tensors, torch.float64), pad, dout.double(), case, None)
-    ref, ref_grads = _run(_detached(tensors, dtype), pad, dout, case, None)
-    assert out.dtype == dtype
-    assert_close_to_oracle(out, oracle, ref, name="out")
-    for n in grads:
-        assert grads[n].shape == tensors[n].shape and grads[n].dtype == dtype, n
-        assert_close_to_oracle(grads[n], oracle_grads[n], ref_grads[n], name=f"d{n}")
+    _check_backend("cpu", "cpu", dtype, case)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16], ids=str)
