@@ -21,6 +21,9 @@ void bind(pybind11::module_& m);
 namespace linear {
 void bind(pybind11::module_& m);
 }
+namespace mega {
+void bind(pybind11::module_& m);
+}
 }  // namespace seqkern
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -38,4 +41,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   seqkern::adaln::bind(m);
   seqkern::ema::bind(m);
   seqkern::linear::bind(m);
+  seqkern::mega::bind(m);
 }

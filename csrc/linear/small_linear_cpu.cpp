@@ -12,6 +12,7 @@
 
 #include <algorithm>
 
+#include "linear/small_linear.h"
 #include "sk_checks.h"
 
 namespace seqkern {
@@ -83,7 +84,16 @@ void rows(const double* x, const double* w, const double* b, double* y, int64_t 
   rows_impl(x, w, b, y, m, k, n, begin, end);
 }
 
+// A task streams >= ~64 KB of weight, enough to pay for waking a thread.
+int64_t grain_for(int64_t k) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1)); }
+
 }  // namespace
+
+void linear_rows_f32(const float* x, const float* w, const float* b, float* y, int64_t m,
+                     int64_t k, int64_t n) {
+  at::parallel_for(0, n, grain_for(k),
+                   [&](int64_t begin, int64_t end) { rows(x, w, b, y, m, k, n, begin, end); });
+}
 
 // x (M, K), weight (N, K), bias (N) or undefined -> (M, N). float32 or float64, CPU.
 at::Tensor small_linear_cpu(const at::Tensor& x_in, const at::Tensor& w_in,
@@ -111,8 +121,7 @@ at::Tensor small_linear_cpu(const at::Tensor& x_in, const at::Tensor& w_in,
   const at::Tensor xc = x.contiguous(), w = weight.contiguous();
   at::Tensor y = at::empty({m, n}, x.options());
   if (m == 0 || n == 0) return y;
-  // A task streams >= ~64 KB of weight, enough to pay for waking a thread.
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1));
+  const int64_t grain = grain_for(k);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "small_linear_cpu", [&] {
     const scalar_t* xp = xc.const_data_ptr<scalar_t>();
     const scalar_t* wp = w.const_data_ptr<scalar_t>();

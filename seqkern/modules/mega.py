@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from seqkern import _ext, backends
 from seqkern.modules.sequence import SequenceModule
 from seqkern.ops.chunk import chunk_attention
 from seqkern.ops.ema import ema, ema_step
@@ -507,6 +508,8 @@ class MEGA(nn.Module):
         attn_mask: Tensor | bool | None = None,
         state: dict[str, Tensor | None] | None = None,
     ) -> tuple[Tensor, dict[str, Tensor | None] | None]:
+        if state is not None and mask is None and self._fused_step_ok(x, state):
+            return self._fused_step(x, state)
         length, batch, _ = x.shape
         residual = x
         value = self.activation(_linear(self.proj_v, x))  # (L, B, V)
@@ -565,6 +568,74 @@ class MEGA(nn.Module):
 
         h = self.dropout(self.activation(hidden + _linear(self.proj_h, out * att_gate)))
         return self.normalization(torch.addcmul(residual, gate, h - residual)), state
+
+    # -- one decoding step as one C++ call (csrc/mega/mega_step_cpu.cpp) -----------------------
+    def _fused_step_ok(self, x: Tensor, state: dict[str, Tensor | None]) -> bool:
+        """The fused CPU step covers ESPnet's default block (SiLU, LayerNorm, simple bias) in
+        float32 inference on at most 8 rows; anything else runs the ops above."""
+        if x.dim() != 3 or x.shape[0] != 1 or x.shape[1] > 8:
+            return False
+        if x.device.type != "cpu" or x.dtype != torch.float32:
+            return False
+        order = backends.allowed_backends()
+        if order is not None and "cpu" not in order:
+            return False
+        if backends.unavailable_reason("cpu") or not hasattr(_ext.C, "mega_step_cpu"):
+            return False
+        act, norm = self.activation, self.normalization
+        silu = isinstance(act, nn.SiLU) or (
+            type(act).__name__ == "Swish" and getattr(act, "beta", 2.0) <= 1
+        )
+        if not silu or type(norm) is not nn.LayerNorm or norm.weight is None:
+            return False
+        if not isinstance(self.rel_pos_bias, RelativePositionBias):
+            return False
+        if self.training and any(
+            d.p > 0 for d in (self.dropout, self.dropout_attn, self.dropout_ema)
+        ):
+            return False
+        if torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in self.parameters())
+        ):
+            return False
+        tensors = [state.get(k) for k in ("ema_state", "prev_key", "prev_value")]
+        if (state.get("prev_key") is None) != (state.get("prev_value") is None):
+            return False
+        return all(t is None or (t.dtype == x.dtype and t.device == x.device) for t in tensors)
+
+    def _fused_step(self, x: Tensor, state: dict[str, Tensor | None]):
+        ema = self.multihead_damped_ema
+        prev_key = state.get("prev_key")
+        key_len = 0 if prev_key is None else prev_key.shape[1]
+        rel = self.rel_pos_bias.offsets(1, key_len + 1)  # ValueError past max_positions
+        norm = self.normalization
+        out, ema_state, key, value = _ext.C.mega_step_cpu(
+            x[0],
+            state.get("ema_state"),
+            prev_key,
+            state.get("prev_value"),
+            ema.damping_factor,
+            ema.decay_factor,
+            ema.ema_expansion_matrix,
+            ema.kernel_projection_matrix,
+            ema.residual_weight,
+            self.proj_v.weight,
+            self.proj_v.bias,
+            self.proj_mx.weight,
+            self.proj_mx.bias,
+            self.proj_h.weight,
+            self.proj_h.bias,
+            self.qk_weight,
+            self.qk_bias,
+            rel,
+            norm.weight,
+            norm.bias,
+            norm.eps,
+            self.scaling,
+        )
+        if self.chunk_size > 0 and key.shape[1] % self.chunk_size == 0:
+            key, value = key[:, -1:], value[:, -1:]  # upstream keeps the last key at a boundary
+        return out.unsqueeze(0), {"prev_key": key, "prev_value": value, "ema_state": ema_state}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -138,3 +138,53 @@ def test_batch_score_of_uneven_hypotheses(chunk_size):
                 assert_close_to_oracle(
                     value, oracle_rows[i][b][key], ref_rows[i][b][key], name=f"hyp {i} {key}"
                 )
+
+
+def test_fused_cpu_step_is_taken_exactly_where_it_applies():
+    """The fused C++ step runs for the default block (SiLU, LayerNorm, simple bias) in float32
+    inference with the cpu backend allowed; the streaming tests above compare its results."""
+    dec, dec64 = _decoders(dict(), seed=7)
+    mega = dec.mega_blocks[0][0]
+    state = dec.create_batch_states([dec.init_state()] * 2)[0]
+    x = torch.randn(1, 2, SMALL["block_size"])
+    with torch.no_grad():
+        assert mega._fused_step_ok(x, state)
+        with backends.use_backend(*KERNELS):
+            assert mega._fused_step_ok(x, state)
+        with backends.use_backend("reference"):
+            assert not mega._fused_step_ok(x, state)
+        assert not mega._fused_step_ok(x.double(), state)
+        assert not mega._fused_step_ok(torch.randn(1, 9, SMALL["block_size"]), state)
+    assert not mega._fused_step_ok(x, state)  # grad mode with trainable parameters
+    rotary, _ = _decoders(CONFIGS["full-rotary-rms"], seed=7)
+    with torch.no_grad():
+        assert not rotary.mega_blocks[0][0]._fused_step_ok(x, state)
+
+
+@pytest.mark.parametrize("chunk_size", [-1, 3])
+def test_fused_cpu_step_over_many_steps(chunk_size):
+    """Twelve steps (past chunk boundaries) from upstream's init_state: the fused step's outputs
+    and states against the float64 reference, with the float32 reference as the yardstick."""
+    dec, dec64 = _decoders(dict(chunk_size=chunk_size), seed=8)
+    labels = _labels(4, 12, seed=9)
+    runs = {
+        "got": (dec, KERNELS),
+        "ref": (copy.deepcopy(dec), ("reference",)),
+        "oracle": (dec64, ("reference",)),
+    }
+    states = {k: m.create_batch_states([m.init_state()] * 4) for k, (m, _) in runs.items()}
+    with torch.no_grad():
+        for t in range(labels.shape[1]):
+            outs = {}
+            for k, (model, backend) in runs.items():
+                with backends.use_backend(*backend):
+                    outs[k], states[k] = model.inference(labels[:, t : t + 1], states[k])
+            assert_close_to_oracle(outs["got"], outs["oracle"], outs["ref"], name=f"step {t}")
+            for b in range(len(states["got"])):
+                for key in ("prev_key", "prev_value", "ema_state"):
+                    assert_close_to_oracle(
+                        states["got"][b][key],
+                        states["oracle"][b][key],
+                        states["ref"][b][key],
+                        name=f"step {t} block {b} {key}",
+                    )
