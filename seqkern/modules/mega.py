@@ -583,9 +583,7 @@ class MEGA(nn.Module):
         if backends.unavailable_reason("cpu") or not hasattr(_ext.C, "mega_step_cpu"):
             return False
         act, norm = self.activation, self.normalization
-        silu = isinstance(act, nn.SiLU) or (
-            type(act).__name__ == "Swish" and getattr(act, "beta", 2.0) <= 1
-        )
+        silu = isinstance(act, nn.SiLU) or (isinstance(act, Swish) and act.beta <= 1)
         if not silu or type(norm) is not nn.LayerNorm or norm.weight is None:
             return False
         if not isinstance(self.rel_pos_bias, RelativePositionBias):
