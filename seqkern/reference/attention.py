@@ -28,7 +28,8 @@ def attention_ref(
             this is the usual lower triangle).
         scale: default hd ** -0.5.
     Returns:
-        (B, H, T, hd) in q's dtype. A query row that may attend no key gives 0 (SDPA gives NaN).
+        (B, H, T, hd) in q's dtype. A query row that may attend no key (bool mask, causality, or
+        an additive mask that is -inf on all its keys) gives 0 where SDPA gives NaN.
     """
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -43,6 +44,8 @@ def attention_ref(
         else:
             logits = logits + mask.to(acc)
     logits = logits.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    probs = probs.masked_fill(~allowed.any(dim=-1, keepdim=True), 0.0)  # fully masked rows
+    # rows that see no key (hidden by the bool mask or causality, or -inf everywhere in the
+    # additive mask) give 0, with zero gradients; NaN logits stay NaN
+    dead = torch.isneginf(logits).all(dim=-1, keepdim=True)
+    probs = torch.softmax(logits.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
     return torch.matmul(probs, v.to(acc)).to(q.dtype)
