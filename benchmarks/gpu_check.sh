@@ -66,4 +66,9 @@ else
   echo "skipped: espnet2 202506 is not importable here (carry its wheel and typeguard's in .whl/)"
 fi
 
+echo "== end to end: VALL-E NAR decoder (12 layers)"
+# no espnet needed: upstream is seqkern.bench.valle's transcription of the 202506 decoder
+$PY benchmarks/valle_decoder.py --out "$OUT/results" --rounds 3 2>&1 | tee "$OUT/valle_decoder.log" | tail -20
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
 exit $status

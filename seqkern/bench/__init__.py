@@ -33,11 +33,20 @@ from seqkern import backends
 from seqkern.bench import adaln as _adaln_spec
 from seqkern.bench import mega as _mega_spec
 from seqkern.bench import relbias as _relbias_spec
+from seqkern.bench import valle as _valle_spec
 from seqkern.bench.core import BASELINES, DIRECTIONS, Case, OpBench, Provider
 from seqkern.testing import max_abs_error
 
 SPECS: dict[str, OpBench] = {
-    s.op: s for s in (_adaln_spec.SPEC, _relbias_spec.SPEC, _mega_spec.EMA, _mega_spec.CHUNK)
+    s.op: s
+    for s in (
+        _adaln_spec.SPEC,
+        _relbias_spec.SPEC,
+        _mega_spec.EMA,
+        _mega_spec.CHUNK,
+        _valle_spec.ATTENTION,
+        _valle_spec.VALLE_BLOCK,
+    )
 }
 
 # --------------------------------------------------------------------------------------------
@@ -93,6 +102,8 @@ def _peak_mem_mb(fn: Callable[[], object], device: torch.device) -> float | None
 
 def _seqkern_providers(spec: OpBench, device: torch.device) -> list[Provider]:
     out = []
+    if spec.op not in backends.registered_ops():
+        return out  # a module benchmark (valle_block): its spec supplies its seqkern row
     for name in backends.BACKENDS:
         if name == "reference" or name not in backends.kernels(spec.op):
             continue  # the reference is the "upstream" baseline's arithmetic

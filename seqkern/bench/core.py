@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 DIRECTIONS = ("fwd", "bwd")
-BASELINES = ("upstream", "compile", "sdpa", "flex", "sdpa_nobias")
+BASELINES = ("upstream", "compile", "sdpa", "flex", "sdpa_nobias", "parts")
 
 
 @dataclass
@@ -22,7 +22,7 @@ class Case:
 class Provider:
     """A way to compute the op: `fn(*inputs) -> output`, with an optional backend setting."""
 
-    provider: str  # seqkern | upstream | compile | sdpa | flex | sdpa_nobias
+    provider: str  # seqkern | upstream | compile | sdpa | flex | sdpa_nobias | parts
     fn: Callable[..., Tensor]
     backend: str | None = None  # the seqkern backend, for provider == "seqkern"
     exact: bool = True  # False: a reference point computing a different function (no max_err)

@@ -3,8 +3,15 @@
 Same constructor, state_dict keys and kv_cache format as ESPnet 202506, with the intended
 semantics of the fixed upstream variant (README "Differences from upstream"): every sample
 gets its own attention residual (202506 broadcasts batch row 0), `causal` reaches every block,
-and `forward` takes an optional `mask`. AdaLN runs through `seqkern.adaln` and attention
-through `seqkern.ops.attention`.
+and `forward` takes an optional `mask`.
+
+The hot path: AdaLN is one `seqkern.adaln` kernel whose output is the projection's input, in
+its dtype; q, k and v come from one GEMM over the concatenated weights (the key's absent bias
+is zero), and `seqkern.ops.attention.attention_packed` reads the heads of that (B, T, 3D)
+output in place, writes its result time-major (merging heads is free), and returns the
+gradient of the packed projection in one tensor. With kv-cache hooks on the key and value
+projections (`install_kv_cache_hook`), or for fewer tokens than n_state (where concatenating
+the weights costs more than reading x three times), the three projections run separately.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seqkern.ops.adaln import adaln
-from seqkern.ops.attention import attention
+from seqkern.ops.attention import attention, attention_packed
 
 
 class Linear(nn.Linear):
@@ -72,6 +79,17 @@ class MultiHeadAttention(nn.Module):
         mask: Tensor | None = None,
         kv_cache: dict | None = None,
     ) -> Tensor:
+        """x (B, T, D); xa (B, S, D) for cross attention; mask as `ValleNARDecoder.forward`."""
+        if self.causal and mask is not None:
+            raise ValueError("mask is not allowed when the attention is causal")
+        if xa is None and x.shape[0] * x.shape[1] >= x.shape[2] and not self._kv_hooked():
+            # one GEMM for q, k and v; attention reads its heads in place and hands back the
+            # gradient of the packed projection whole
+            D = x.shape[-1]
+            weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])
+            bias = torch.cat([self.query.bias, self.query.bias.new_zeros(D), self.value.bias])
+            qkv = F.linear(x, weight.to(x.dtype), bias.to(x.dtype))
+            return self.out(attention_packed(qkv, self.n_head, mask=mask, causal=self.causal))
         q = self.query(x)
         if kv_cache is None or xa is None or self.key not in kv_cache:
             # With install_kv_cache_hook's hooks, these return cached + new keys/values.
@@ -80,6 +98,15 @@ class MultiHeadAttention(nn.Module):
         else:
             k, v = kv_cache[self.key], kv_cache[self.value]
         return self.out(self.qkv_attention(q, k, v, mask))
+
+    def _kv_hooked(self) -> bool:
+        """True when hooks (install_kv_cache_hook's, or anyone's) watch the key or value
+        projection: they must see those modules run."""
+        from torch.nn.modules import module as _module
+
+        return any(
+            bool(m._forward_hooks or m._forward_pre_hooks) for m in (self.key, self.value)
+        ) or bool(_module._global_forward_hooks or _module._global_forward_pre_hooks)
 
     def qkv_attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
         """(B, T, D), (B, S, D), (B, S, D) -> (B, T, D)."""

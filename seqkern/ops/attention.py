@@ -69,21 +69,30 @@ def _reference_fwd(q, k, v, mask, causal, scale):
     return out, torch.where(torch.isneginf(lse), math.inf, lse)
 
 
-def _reference_bwd(dout, q, k, v, out, lse, mask, causal, scale):
+def _reference_bwd(dout, q, k, v, out, lse, mask, causal, scale, dq=None, dk=None, dv=None):
     acc = _stats_dtype(q)
     p = torch.exp(_oracle_logits(q, k, mask, causal, scale) - lse.unsqueeze(-1))
     do = dout.to(acc)
-    dv = torch.matmul(p.transpose(-1, -2), do)
+    grad_v = torch.matmul(p.transpose(-1, -2), do)
     dp = torch.matmul(do, v.to(acc).transpose(-1, -2))
     ds = p * (dp - (p * dp).sum(dim=-1, keepdim=True))
-    dq = torch.matmul(ds, k.to(acc)) * scale
-    dk = torch.matmul(ds.transpose(-1, -2), q.to(acc)) * scale
+    grad_q = torch.matmul(ds, k.to(acc)) * scale
+    grad_k = torch.matmul(ds.transpose(-1, -2), q.to(acc)) * scale
+    dq, dk, dv = _grad_buffers(q, k, dq, dk, dv)
+    for g, value in zip((dq, dk, dv), (grad_q, grad_k, grad_v)):
+        g.copy_(value)
+    return dq, dk, dv
+
+
+def _grad_buffers(q, k, dq, dk, dv):
+    """The destinations of dq, dk, dv: the given views, else new time-major tensors."""
     B, H, T, hd = q.shape
     S = k.shape[2]
-    grads = (_time_major(B, H, T, hd, q), _time_major(B, H, S, hd, k), _time_major(B, H, S, hd, v))
-    for g, value in zip(grads, (dq, dk, dv)):
-        g.copy_(value)
-    return grads
+    return (
+        _time_major(B, H, T, hd, q) if dq is None else dq,
+        _time_major(B, H, S, hd, k) if dk is None else dk,
+        _time_major(B, H, S, hd, k) if dv is None else dv,
+    )
 
 
 def _reference_supports(*args) -> str | None:
@@ -133,18 +142,75 @@ def _triton_fwd(q, k, v, mask, causal, scale):
     return out, lse
 
 
-def _triton_bwd(dout, q, k, v, out, lse, mask, causal, scale):
+def _triton_bwd(dout, q, k, v, out, lse, mask, causal, scale, dq=None, dk=None, dv=None):
     from seqkern._triton.attention import attention_bwd
 
     dout, q, k, v = _unit_last(dout), _unit_last(q), _unit_last(k), _unit_last(v)
-    B, H, T, hd = q.shape
-    S = k.shape[2]
-    dq, dk, dv = (
-        _time_major(B, H, T, hd, q),
-        _time_major(B, H, S, hd, k),
-        _time_major(B, H, S, hd, v),
-    )
+    dq, dk, dv = _grad_buffers(q, k, dq, dk, dv)
     attention_bwd(dout, q, k, v, out, lse, mask, causal, scale, dq, dk, dv)
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------------------------
+# The cpu backend: PyTorch's fused CPU flash-attention kernels (ATen), under seqkern's contract:
+# bottom-right causal for T != S, a bool mask made additive, and the rows that see no key
+# marked with lse = +inf (ATen leaves them at 0 output and lse 0).
+
+_CPU_TYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _cpu_supports(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> str | None:
+    if q.device.type != "cpu":
+        return f"needs CPU tensors, got {q.device}"
+    if q.dtype not in _CPU_TYPES:
+        return f"dtype {q.dtype} not supported"
+    if mask is not None and mask.dtype != torch.bool and mask.dtype != q.dtype:
+        return f"an additive mask must have q's dtype {q.dtype}, got {mask.dtype}"
+    return None
+
+
+def _cpu_mask(q: Tensor, k: Tensor, mask: Tensor | None, causal: bool):
+    """(additive mask or None, is_causal for ATen, rows that see no key (B|1, H|1, T) or None)."""
+    T, S = q.shape[2], k.shape[2]
+    keep = None
+    if causal and T != S:  # ATen's causal is top-left aligned: spell out bottom-right
+        keep = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+        causal = False
+    additive = None
+    if mask is not None and mask.dtype == torch.bool:
+        keep = mask if keep is None else keep & mask
+    elif mask is not None:
+        additive = mask
+    if keep is not None:
+        hidden = torch.zeros(keep.shape, dtype=q.dtype, device=q.device)
+        hidden.masked_fill_(~keep, -math.inf)
+        additive = hidden if additive is None else additive + hidden
+    dead = None if additive is None else torch.isneginf(additive).all(dim=-1)
+    return additive, causal, dead
+
+
+def _cpu_fwd(q, k, v, mask, causal, scale):
+    additive, is_causal, dead = _cpu_mask(q, k, mask, causal)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, is_causal, attn_mask=additive, scale=scale
+    )
+    B, H, T, hd = q.shape
+    result = _time_major(B, H, T, hd, q)
+    result.copy_(out)
+    lse = lse.to(_stats_dtype(q))
+    if dead is not None:  # broadcastable to (B, H, T)
+        lse = lse.masked_fill(dead, math.inf)
+    return result, lse
+
+
+def _cpu_bwd(dout, q, k, v, out, lse, mask, causal, scale, dq=None, dk=None, dv=None):
+    additive, is_causal, _ = _cpu_mask(q, k, mask, causal)
+    grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        dout, q, k, v, out, lse, 0.0, is_causal, attn_mask=additive, scale=scale
+    )
+    dq, dk, dv = _grad_buffers(q, k, dq, dk, dv)
+    for g, value in zip((dq, dk, dv), grads):
+        g.copy_(value)
     return dq, dk, dv
 
 
@@ -152,6 +218,7 @@ backends.register(
     backends.Kernel(OP, "reference", _reference_fwd, _reference_bwd, _reference_supports)
 )
 backends.register(backends.Kernel(OP, "triton", _triton_fwd, _triton_bwd, _triton_supports))
+backends.register(backends.Kernel(OP, "cpu", _cpu_fwd, _cpu_bwd, _cpu_supports))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,6 +265,35 @@ define_op(
 )
 
 
+def _split_packed(qkv: Tensor, n_head: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(B, T, 3 * D) laid out [q | k | v] -> three (B, H, T, hd) views."""
+    B, T, D3 = qkv.shape
+    q, k, v = qkv.view(B, T, 3, n_head, D3 // (3 * n_head)).unbind(2)
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
+def _bwd_packed_impl(dout, qkv, out, lse, mask, causal, scale, n_head):
+    q, k, v = _split_packed(qkv, n_head)
+    dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
+    dq, dk, dv = _split_packed(dqkv, n_head)
+    kernel = backends.select(OP, q, k, v, mask)
+    kernel.bwd(dout, q, k, v, out, lse, mask, causal, scale, dq, dk, dv)
+    return dqkv
+
+
+def _bwd_packed_fake(dout, qkv, out, lse, mask, causal, scale, n_head):
+    return torch.empty_like(qkv, memory_format=torch.contiguous_format)
+
+
+define_op(
+    "attention_bwd_packed",
+    "(Tensor dout, Tensor qkv, Tensor out, Tensor lse, Tensor? mask, bool causal, float scale,"
+    " int n_head) -> Tensor dqkv",
+    _bwd_packed_impl,
+    _bwd_packed_fake,
+)
+
+
 class AttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, mask, causal, scale):
@@ -213,6 +309,29 @@ class AttentionFunction(torch.autograd.Function):
             dout, q, k, v, out, lse, mask, ctx.causal, ctx.scale
         )
         return dq, dk, dv, None, None, None
+
+
+class PackedAttentionFunction(torch.autograd.Function):
+    """Attention over the packed output of one QKV projection; the backward writes dq, dk and
+    dv into one (B, T, 3 * D) gradient, which the projection's backward takes as is."""
+
+    @staticmethod
+    def forward(ctx, qkv, n_head, mask, causal, scale):
+        out, lse = torch.ops.seqkern.attention(*_split_packed(qkv, n_head), mask, causal, scale)
+        ctx.save_for_backward(qkv, out, lse, mask)
+        ctx.n_head, ctx.causal, ctx.scale = n_head, causal, scale
+        B, H, T, hd = out.shape
+        return out.transpose(1, 2).reshape(B, T, H * hd)  # time-major: a view
+
+    @staticmethod
+    def backward(ctx, dy):
+        qkv, out, lse, mask = ctx.saved_tensors
+        B, H, T, hd = out.shape
+        dout = dy.reshape(B, T, H, hd).transpose(1, 2)
+        dqkv = torch.ops.seqkern.attention_bwd_packed(
+            dout, qkv, out, lse, mask, ctx.causal, ctx.scale, ctx.n_head
+        )
+        return dqkv, None, None, None, None
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> None:
@@ -290,3 +409,36 @@ def attention(
     _check(q, k, v, mask)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return AttentionFunction.apply(q, k, v, mask, bool(causal), scale)
+
+
+def attention_packed(
+    qkv: Tensor,
+    n_head: int,
+    mask: Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+) -> Tensor:
+    """Self-attention over the output of one fused QKV projection: no split, no copies.
+
+    Args:
+        qkv: (B, T, 3 * D) laid out [q | k | v] along the last dim, each D = n_head * hd (the
+            output of `F.linear(x, cat([Wq, Wk, Wv]), ...)`), unit last stride.
+        n_head: number of heads.
+        mask, causal, scale: as `attention` (here S == T).
+    Returns:
+        (B, T, D) in qkv's dtype, heads merged: the out projection's input. The backward
+        returns the gradient of qkv as one (B, T, 3 * D) tensor.
+    """
+    if not isinstance(qkv, Tensor) or qkv.dim() != 3:
+        raise ValueError(f"attention_packed: qkv must be a (B, T, 3 * D) tensor, got {qkv!r:.60}")
+    if qkv.shape[-1] % (3 * n_head):
+        raise ValueError(
+            f"attention_packed: qkv's last dim {qkv.shape[-1]} is not 3 * n_head * hd for "
+            f"n_head = {n_head}"
+        )
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    q, k, v = _split_packed(qkv, n_head)
+    _check(q, k, v, mask)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return PackedAttentionFunction.apply(qkv, int(n_head), mask, bool(causal), scale)
