@@ -136,12 +136,53 @@ def _mega_attention_variants():
                 yield (f"mega_attention_{stage}-{tag}", kernel, types, const)
 
 
+def _attention_variants():
+    import torch
+    from seqkern._triton import attention as A
+
+    # VALL-E's heads (bf16, hd 64 and 128) and fp32 full precision; for each, the three mask
+    # forms the module meets: causal and none, a bool key padding mask (row + key_end), and a
+    # full additive mask; tiles as the launchers pick them for a GPU
+    forms = [
+        (True, A.MASK_NONE, False, False),
+        (False, A.MASK_BOOL, True, True),
+        (False, A.MASK_ADD, False, False),
+    ]
+    for dt, dtype, precision, hd in (
+        ("bf16", torch.bfloat16, "tf32", 64),
+        ("bf16", torch.bfloat16, "tf32", 128),
+        ("fp32", torch.float32, "ieee", 128),
+    ):
+        types = {n: f"*{dt}" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
+        types.update(LSE="*fp32", DELTA="*fp32", KEND="*i32", qk_scale="fp32", scale="fp32")
+        device = torch.device("cuda")
+        for causal, mode, row, kend in forms:
+            types["M"] = "*u8" if mode == A.MASK_BOOL else f"*{dt}"
+            flags = dict(CAUSAL=causal, MASK_MODE=mode, MASK_ROW=row, HAS_KEND=kend)
+            flags["PRECISION"] = precision
+            if mode == A.MASK_NONE:
+                flags["M"] = None
+            if not kend:
+                flags["KEND"] = None
+            tag = f"{dt}-hd{hd}-causal{causal}-mask{mode}"
+            for name, kernel, cfg in (
+                ("fwd", A._attn_fwd_kernel, A.fwd_config(hd, dtype, device)),
+                ("bwd_dkdv", A._attn_bwd_dkdv_kernel, A.bwd_config(hd, dtype, device)),
+                ("bwd_dq", A._attn_bwd_dq_kernel, A.bwd_config(hd, dtype, device)),
+            ):
+                const = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
+                yield (f"attention_{name}-{tag}", kernel, types, dict(const, **flags))
+        delta = {"BLOCK_M": 64, "BLOCK_D": max(16, hd)}
+        yield (f"attention_bwd_delta-{dt}-hd{hd}", A._attn_bwd_delta_kernel, types, delta)
+
+
 def main(arch: int) -> dict:
     result = {"compiled": [], "failed": {}}
     for name, kernel, types, constexprs in [
         *_adaln_variants(),
         *_relbias_variants(),
         *_mega_attention_variants(),
+        *_attention_variants(),
     ]:
         try:
             compiled = _compile(kernel, types, constexprs, arch)
