@@ -18,6 +18,9 @@ void bind(pybind11::module_& m);
 namespace ema {
 void bind(pybind11::module_& m);
 }
+namespace emformer {
+void bind(pybind11::module_& m);
+}
 namespace linear {
 void bind(pybind11::module_& m);
 }
@@ -40,6 +43,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("build_info") = info;
   seqkern::adaln::bind(m);
   seqkern::ema::bind(m);
+  seqkern::emformer::bind(m);
   seqkern::linear::bind(m);
   seqkern::mega::bind(m);
 }

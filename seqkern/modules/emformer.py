@@ -26,6 +26,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from seqkern import _ext, backends
 from seqkern.modules.sequence import SequenceModule
 from seqkern.ops import emformer as emformer_ops
 
@@ -583,6 +584,70 @@ class ConvEmformerLayer(_StreamingLayerState, nn.Module):
         )
         return out_utt, out_rc, new_mems
 
+    def _fused_infer_ok(self, x: Tensor, state: State | None) -> bool:
+        """The fused C++ step covers float32/float64 CPU inference (no autograd, no active
+        dropout, no tracing) with ReLU/GELU/SiLU activations; anything else runs the ops."""
+        if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+            return False
+        order = backends.allowed_backends()
+        if order is not None and "cpu" not in order:
+            return False
+        if backends.unavailable_reason("cpu") or not hasattr(_ext.C, "conv_emformer_step_cpu"):
+            return False
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return False
+        if self.training and self.dropout.p > 0:
+            return False
+        if torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in self.parameters())
+        ):
+            return False
+        ffn_act = _activation_code(self.ffn0.module[2])
+        conv_act = _activation_code(self.conv.post_conv[1])
+        if ffn_act is None or conv_act is None or _activation_code(self.ffn1.module[2]) != ffn_act:
+            return False
+        if any(p.dtype != x.dtype or p.device.type != "cpu" for p in self.parameters()):
+            return False
+        return state is None or all(t.device.type == "cpu" for t in state)
+
+    def _fused_weights(self) -> tuple[list[Tensor], list[float]]:
+        """The parameters in the order csrc/emformer/conv_emformer_step_cpu.cpp takes them."""
+        f0, f1, attn, conv = self.ffn0.module, self.ffn1.module, self.attention, self.conv
+        mods = [
+            f0[0], f0[1], f0[4], self.layer_norm_input, attn.emb_to_query,
+            attn.emb_to_key_value, attn.out_proj, conv.pre_conv[0], conv.pre_conv[1], conv.conv,
+            conv.post_conv[0], conv.post_conv[2], f1[0], f1[1], f1[4], self.layer_norm_output,
+        ]  # fmt: skip
+        weights = [t for m in mods for t in (m.weight, m.bias)]
+        norms = (f0[0], self.layer_norm_input, conv.pre_conv[0], conv.post_conv[0], f1[0])
+        eps = [float(n.eps) for n in (*norms, self.layer_norm_output)]
+        return weights, eps
+
+    def _fused_infer(
+        self, utterance: Tensor, lengths: Tensor, right_context: Tensor, state, mems: Tensor
+    ) -> tuple[Tensor, Tensor, State, Tensor]:
+        """`infer` as one C++ call (csrc/emformer/conv_emformer_step_cpu.cpp)."""
+        if state is None:
+            state = self.init_state(utterance.size(1), device=utterance.device)
+        state = self._in_dtype(state, utterance.dtype)
+        weights, eps = self._fused_weights()
+        utt, rc, next_m, *new_state = _ext.C.conv_emformer_step_cpu(
+            utterance,
+            right_context,
+            mems,
+            *state,
+            lengths,
+            weights,
+            eps,
+            self.attention.num_heads,
+            self.segment_length,
+            _activation_code(self.ffn0.module[2]),
+            _activation_code(self.conv.post_conv[1]),
+            self.attention.tanh_on_mem,
+            float(self.attention.negative_inf),
+        )
+        return utt, rc, new_state, next_m
+
     def infer(
         self,
         utterance: Tensor,
@@ -606,6 +671,16 @@ class ConvEmformerLayer(_StreamingLayerState, nn.Module):
         )
         new_state = self._next_state(state, next_k, next_v, utterance.size(0), mems) + [cache]
         return out_utt, out_rc, new_state, next_m
+
+
+_ACTIVATION_CODES = {nn.ReLU: 0, nn.GELU: 1, nn.SiLU: 2}
+
+
+def _activation_code(module: nn.Module) -> int | None:
+    """The fused step's code for an activation module (exact GELU only), else None."""
+    if isinstance(module, nn.GELU) and module.approximate != "none":
+        return None
+    return _ACTIVATION_CODES.get(type(module))
 
 
 class _EmformerBase(SequenceModule):
@@ -787,11 +862,18 @@ class _EmformerBase(SequenceModule):
         output = utterance
         new_states: list[State] = []
         for i, layer in enumerate(self.emformer_layers):
+            layer_state = None if states is None else list(states[i])
+            if isinstance(layer, ConvEmformerLayer) and layer._fused_infer_ok(x, layer_state):
+                output, right_context, state, mems = layer._fused_infer(
+                    output, output_lengths, right_context, layer_state, mems
+                )
+                new_states.append(state)
+                continue
             output, right_context, state, mems = layer.infer(
                 output,
                 output_lengths,
                 right_context,
-                None if states is None else list(states[i]),
+                layer_state,
                 mems,
             )
             new_states.append(state)

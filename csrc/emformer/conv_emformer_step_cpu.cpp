@@ -1,0 +1,236 @@
+// One streaming step of a ConvEmformer layer on the CPU, fused: the whole layer in one call.
+//
+// Streaming inference at batch 1 runs each layer on ~21 rows (right context, one segment, its
+// summary). Unfused, that is ~150 small PyTorch ops per layer whose Python and dispatch costs
+// rival their arithmetic, and two oneDNN depthwise convolutions whose setup dwarfs their ~40k
+// multiply-adds. Here the layer is one C++ call: the GEMMs go to ATen (addmm, bmm), the row
+// concatenations are written in place, and the depthwise convolution is a direct loop.
+// seqkern.modules.emformer takes this path for ConvEmformer.infer without autograd, dropout
+// inactive, on float32 or float64 CPU tensors; the Python ops otherwise.
+//
+// Math (time-major rows, D = input_dim, upstream torchaudio 2.8.0 order; U = segment frames,
+// R = right-context frames, S = 1 summary row when memory is used, else 0):
+//   x      = [rc ; utt ; mean(utt)]                                      (R + U + S rows)
+//   f0     = x + 0.5 FFN0(x),  FFN(z) = W2 act(W1 LN(z) + b1) + b2
+//   n      = LN_in(f0) = [n_rc ; n_utt ; n_sum]
+//   q      = Wq n + bq ;  [k ; v] = Wkv [mem ; n_rc ; n_utt] + bkv
+//   keys   = [k_mem ; k_rc ; lc_key ; k_utt] (values likewise), mem and lc the valid state rows
+//   a      = softmax_fp32(mask(q k^T / sqrt(hd))) v, masked logits = negative_inf: the summary
+//            row does not see memory; for B > 1, key j of batch b is masked from
+//            lengths[b] + Tk - max(lengths) on (upstream's padding rule)
+//   o      = Wo a + bo ;  rows [rc ; utt] -> r = o + f0[rc ; utt] ;  summary -> next memory
+//            (clamp to [-10, 10], or tanh)
+//   z      = GLU(Wp LN(r) + bp) ;  the utterance part is convolved (depthwise, width k) after
+//            the (k - 1)-frame cache; the right context after the last k - 1 frames of
+//            [cache ; z_utt]
+//   c      = Wpost act(LN(conv)) + bpost + r ;  y = LN_out(c + 0.5 FFN1(c))
+// State: memory <- last M of [memory ; mems_in], lc <- last LC of [lc ; lc_valid ; k_utt],
+// conv cache <- last k - 1 frames of [cache ; z_utt], past_length += U.
+#include <ATen/ATen.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "sk_checks.h"
+
+namespace seqkern {
+namespace emformer {
+namespace {
+
+enum Activation : int64_t { kRelu = 0, kGelu = 1, kSilu = 2 };
+
+at::Tensor activate(const at::Tensor& x, int64_t kind) {
+  switch (kind) {
+    case kRelu:
+      return at::relu(x);
+    case kGelu:
+      return at::gelu(x);
+    case kSilu:
+      return at::silu(x);
+    default:
+      TORCH_CHECK(false, "conv_emformer_step_cpu: unknown activation code ", kind);
+  }
+}
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+  return at::addmm(b, x, w.t());
+}
+
+// out (T_out, B, D) = bias + sum_j w[:, j] * in[t + j]  (in (T_out + k - 1, B, D), w (D, k))
+template <typename scalar_t>
+void depthwise_conv(const at::Tensor& in, const at::Tensor& w, const at::Tensor& bias,
+                    at::Tensor& out) {
+  const int64_t t_out = out.size(0), rows = out.size(1), D = out.size(2), k = w.size(1);
+  const scalar_t* x = in.data_ptr<scalar_t>();
+  const scalar_t* wp = w.data_ptr<scalar_t>();
+  const scalar_t* bp = bias.data_ptr<scalar_t>();
+  scalar_t* y = out.data_ptr<scalar_t>();
+  const int64_t frame = rows * D;
+  for (int64_t t = 0; t < t_out; ++t) {
+    for (int64_t b = 0; b < rows; ++b) {
+      scalar_t* yo = y + t * frame + b * D;
+      for (int64_t c = 0; c < D; ++c) yo[c] = bp[c];
+      for (int64_t j = 0; j < k; ++j) {
+        const scalar_t* xi = x + (t + j) * frame + b * D;
+        for (int64_t c = 0; c < D; ++c) yo[c] += wp[c * k + j] * xi[c];
+      }
+    }
+  }
+}
+
+at::Tensor conv(const at::Tensor& in, const at::Tensor& w, const at::Tensor& bias) {
+  const int64_t k = w.size(1);
+  auto out = at::empty({in.size(0) - k + 1, in.size(1), in.size(2)}, in.options());
+  AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "conv_emformer_depthwise_conv", [&] {
+    depthwise_conv<scalar_t>(in, w, bias, out);
+  });
+  return out;
+}
+
+}  // namespace
+
+// weights, in this order (upstream names under the layer):
+//   0-5   ffn0: module[0] LN w, b; module[1] Linear w, b; module[4] Linear w, b
+//   6-7   layer_norm_input w, b
+//   8-13  attention.emb_to_query w, b; attention.emb_to_key_value w, b; attention.out_proj w, b
+//   14-15 conv.pre_conv[0] LN w, b        16-17 conv.pre_conv[1] Linear w, b
+//   18-19 conv.conv weight (D, 1, k), bias
+//   20-21 conv.post_conv[0] LN w, b       22-23 conv.post_conv[2] Linear w, b
+//   24-29 ffn1 (as ffn0)                  30-31 layer_norm_output w, b
+// eps: the six LayerNorms' eps in the order ffn0, input, pre_conv, post_conv, ffn1, output.
+std::vector<at::Tensor> conv_emformer_step_cpu(
+    const at::Tensor& utt, const at::Tensor& rc, const at::Tensor& mems_in,
+    const at::Tensor& memory, const at::Tensor& lc_key, const at::Tensor& lc_val,
+    const at::Tensor& past_length, const at::Tensor& cache,
+    const at::Tensor& lengths, const std::vector<at::Tensor>& weights,
+    const std::vector<double>& eps, int64_t num_heads, int64_t segment_length,
+    int64_t ffn_activation, int64_t conv_activation, bool tanh_on_mem, double negative_inf) {
+  TORCH_CHECK(weights.size() == 32, "conv_emformer_step_cpu: expected 32 weights, got ",
+              weights.size());
+  TORCH_CHECK(eps.size() == 6, "conv_emformer_step_cpu: expected 6 eps, got ", eps.size());
+  SK_CHECK_DIM(utt, 3);
+  SK_CHECK_DIM(rc, 3);
+  const int64_t U = utt.size(0), R = rc.size(0), B = utt.size(1), D = utt.size(2);
+  const auto opts = utt.options();
+  for (const at::Tensor* t : {&utt, &rc, &mems_in, &memory, &lc_key, &lc_val, &cache}) {
+    TORCH_CHECK(t->is_cpu() && t->scalar_type() == utt.scalar_type(),
+                "conv_emformer_step_cpu: every activation and state tensor must be a CPU "
+                "tensor of the utterance's dtype ",
+                utt.scalar_type());
+  }
+  for (const auto& w : weights) {
+    TORCH_CHECK(w.is_cpu() && w.scalar_type() == utt.scalar_type(),
+                "conv_emformer_step_cpu: weights must be CPU tensors of the utterance's dtype");
+  }
+  TORCH_CHECK(rc.size(1) == B && rc.size(2) == D, "conv_emformer_step_cpu: rc must be (R, ", B,
+              ", ", D, "), got ", rc.sizes());
+  TORCH_CHECK(D % num_heads == 0, "conv_emformer_step_cpu: D must be a multiple of num_heads");
+  const int64_t S = mems_in.size(0) > 0 ? 1 : 0;  // a summary row when memory is used
+  const int64_t m_cap = memory.size(0), lc_cap = lc_key.size(0);
+  const int64_t k = weights[18].size(2);
+  TORCH_CHECK(cache.dim() == 3 && cache.size(0) == B && cache.size(1) == D &&
+                  cache.size(2) == k - 1,
+              "conv_emformer_step_cpu: cache must be (B, D, k - 1), got ", cache.sizes());
+
+  // valid (right-aligned) state rows; upstream reads batch element 0's past length
+  const int64_t past = past_length.reshape({-1})[0].item<int64_t>();
+  const int64_t lc_rows = std::min(lc_cap, past);
+  const int64_t mem_rows =
+      S ? std::min(m_cap, (past + segment_length - 1) / segment_length) : int64_t{0};
+
+  const auto& W = weights;
+  auto ln = [&](const at::Tensor& x, int64_t i, double e) {
+    return at::layer_norm(x, {D}, W[i], W[i + 1], e);
+  };
+  auto ffn = [&](const at::Tensor& x, int64_t i, double e) {
+    return linear(activate(linear(ln(x, i, e), W[i + 2], W[i + 3]), ffn_activation), W[i + 4],
+                  W[i + 5]);
+  };
+
+  // x = [rc ; utt ; summary]
+  const int64_t Tq = R + U + S;
+  auto x = at::empty({Tq, B, D}, opts);
+  x.narrow(0, 0, R).copy_(rc);
+  x.narrow(0, R, U).copy_(utt);
+  if (S) x.narrow(0, R + U, 1).copy_(utt.narrow(0, 0, std::min(segment_length, U)).mean(0, true));
+  const auto X = x.view({Tq * B, D});
+  const auto f0 = at::add(X, ffn(X, 0, eps[0]), 0.5);
+  const auto n = ln(f0, 6, eps[1]);
+
+  // attention over [mem ; rc ; lc ; utt]
+  const int64_t Tk = mem_rows + R + lc_rows + U;
+  const auto q = linear(n, W[8], W[9]);
+  auto kv_in = n.narrow(0, 0, (R + U) * B);
+  if (mem_rows) {
+    kv_in = at::cat({memory.narrow(0, m_cap - mem_rows, mem_rows).reshape({-1, D}), kv_in});
+  }
+  const auto kv = linear(kv_in, W[10], W[11]).view({mem_rows + R + U, B, 2 * D});
+  auto keys = at::empty({Tk, B, D}, opts), values = at::empty({Tk, B, D}, opts);
+  const int64_t front = mem_rows + R;
+  keys.narrow(0, 0, front).copy_(kv.narrow(0, 0, front).narrow(2, 0, D));
+  values.narrow(0, 0, front).copy_(kv.narrow(0, 0, front).narrow(2, D, D));
+  keys.narrow(0, front, lc_rows).copy_(lc_key.narrow(0, lc_cap - lc_rows, lc_rows));
+  values.narrow(0, front, lc_rows).copy_(lc_val.narrow(0, lc_cap - lc_rows, lc_rows));
+  keys.narrow(0, front + lc_rows, U).copy_(kv.narrow(0, front, U).narrow(2, 0, D));
+  values.narrow(0, front + lc_rows, U).copy_(kv.narrow(0, front, U).narrow(2, D, D));
+
+  const int64_t H = num_heads, hd = D / H;
+  const double scaling = 1.0 / std::sqrt(static_cast<double>(hd));
+  const auto qh = q.view({Tq, B * H, hd}).transpose(0, 1);
+  const auto kh = keys.view({Tk, B * H, hd}).transpose(0, 1);
+  const auto vh = values.view({Tk, B * H, hd}).transpose(0, 1);
+  auto scores = at::bmm(qh * scaling, kh.transpose(1, 2)).to(at::kFloat);  // (B H, Tq, Tk)
+  if (S && mem_rows) scores.select(1, Tq - 1).narrow(1, 0, mem_rows).fill_(negative_inf);
+  if (B > 1) {  // upstream's key padding (none for B = 1): key j >= key_lengths[b] is masked
+    const auto len = lengths.to(at::kLong);
+    const auto key_lengths = len + (mem_rows + R + U + lc_rows) - len.max();
+    const auto positions = at::arange(Tk, len.options());
+    const auto hidden = positions.unsqueeze(0) >= key_lengths.unsqueeze(1);  // (B, Tk)
+    scores.view({B, H, Tq, Tk}).masked_fill_(hidden.view({B, 1, 1, Tk}), negative_inf);
+  }
+  const auto probs = at::softmax(scores, -1).to(utt.scalar_type());
+  const auto attn = at::bmm(probs, vh).transpose(0, 1).reshape({Tq * B, D});
+  const auto o = linear(attn, W[12], W[13]);
+  auto next_mems = o.narrow(0, (R + U) * B, S * B).view({S, B, D});
+  next_mems = tanh_on_mem ? at::tanh(next_mems) : at::clamp(next_mems, -10, 10);
+  const auto r = o.narrow(0, 0, (R + U) * B) + f0.narrow(0, 0, (R + U) * B);
+
+  // convolution module on [rc ; utt]
+  const auto z = at::glu(linear(ln(r, 14, eps[2]), W[16], W[17]), -1).view({R + U, B, D});
+  const auto w_conv = W[18].view({D, k}).contiguous();
+  auto padded = at::empty({k - 1 + U, B, D}, opts);
+  padded.narrow(0, 0, k - 1).copy_(cache.permute({2, 0, 1}));
+  padded.narrow(0, k - 1, U).copy_(z.narrow(0, R, U));
+  auto y = at::empty({R + U, B, D}, opts);
+  if (R > 0) {
+    auto rc_window = at::empty({k - 1 + R, B, D}, opts);
+    rc_window.narrow(0, 0, k - 1).copy_(padded.narrow(0, U, k - 1));
+    rc_window.narrow(0, k - 1, R).copy_(z.narrow(0, 0, R));
+    y.narrow(0, 0, R).copy_(conv(rc_window, w_conv, W[19]));
+  }
+  y.narrow(0, R, U).copy_(conv(padded, w_conv, W[19]));
+  const auto Y = y.view({(R + U) * B, D});
+  const auto c = linear(activate(ln(Y, 20, eps[3]), conv_activation), W[22], W[23]) + r;
+  const auto out = ln(at::add(c, ffn(c, 24, eps[4]), 0.5), 30, eps[5]).view({R + U, B, D});
+
+  // state
+  auto new_memory = at::cat({memory, mems_in});
+  if (m_cap > 0) new_memory = new_memory.narrow(0, new_memory.size(0) - m_cap, m_cap);
+  auto lc_k = at::cat({lc_key, keys.narrow(0, front, lc_rows + U)});
+  auto lc_v = at::cat({lc_val, values.narrow(0, front, lc_rows + U)});
+  lc_k = lc_k.narrow(0, lc_k.size(0) - lc_cap, lc_cap);
+  lc_v = lc_v.narrow(0, lc_v.size(0) - lc_cap, lc_cap);
+  const auto new_cache = padded.narrow(0, U, k - 1).permute({1, 2, 0}).contiguous();
+  return {out.narrow(0, R, U),  out.narrow(0, 0, R), next_mems,       new_memory,
+          lc_k,                 lc_v,                past_length + U, new_cache};
+}
+
+void bind(pybind11::module_& m) {
+  m.def("conv_emformer_step_cpu", &conv_emformer_step_cpu,
+        "One ConvEmformer layer's streaming step on the CPU, fused (inference only)");
+}
+
+}  // namespace emformer
+}  // namespace seqkern

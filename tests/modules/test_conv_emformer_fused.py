@@ -1,0 +1,90 @@
+"""ConvEmformer.infer on the fused C++ layer step against the op-by-op path, state by state.
+
+The op-by-op path (use_backend("reference") turns the fused step off) is proven against
+torchaudio in tests/reference; here the fused step must give the same outputs and the same
+state lists (every tensor, shapes included) over several segments, for B = 1 and ragged
+B > 1, with and without right context, memory and left context, each activation, tanh on the
+memory, and float64.
+"""
+
+import pytest
+import torch
+
+from seqkern import use_backend
+from seqkern.modules.emformer import ConvEmformer, ConvEmformerLayer
+
+CONFIGS = [
+    # (B, R, M, LC, ffn activation, conv activation, tanh_on_mem, dtype)
+    (1, 2, 3, 8, "relu", "silu", False, torch.float32),
+    (3, 2, 3, 8, "gelu", "relu", False, torch.float32),  # ragged lengths: key padding
+    (2, 0, 0, 6, "silu", "gelu", True, torch.float32),  # no right context, no memory
+    (1, 1, 2, 0, "relu", "silu", True, torch.float32),  # no left context
+    (3, 2, 1, 5, "relu", "silu", False, torch.float64),
+]
+
+
+def _model(R, M, LC, ffn_act, conv_act, tanh, dtype):
+    torch.manual_seed(0)
+    model = ConvEmformer(
+        32,
+        4,
+        64,
+        2,
+        segment_length=4,
+        kernel_size=3,
+        left_context_length=LC,
+        right_context_length=R,
+        max_memory_size=M,
+        ffn_activation=ffn_act,
+        conv_activation=conv_act,
+        tanh_on_mem=tanh,
+    ).to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.mark.parametrize("B,R,M,LC,ffn_act,conv_act,tanh,dtype", CONFIGS)
+def test_fused_step_matches_the_ops_state_by_state(B, R, M, LC, ffn_act, conv_act, tanh, dtype):
+    model = _model(R, M, LC, ffn_act, conv_act, tanh, dtype)
+    gen = torch.Generator().manual_seed(1)
+    fused = ops = None
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    for step in range(7):
+        x = torch.randn(B, 4 + R, 32, generator=gen).to(dtype)
+        lengths = torch.tensor([4 + R - (b % 3) for b in range(B)])  # ragged when B > 1
+        with torch.no_grad():
+            y_fused, len_fused, fused = model.infer(x, lengths, fused)
+            with use_backend("reference"):
+                y_ops, len_ops, ops = model.infer(x, lengths, ops)
+        torch.testing.assert_close(y_fused, y_ops, **tol)
+        assert torch.equal(len_fused, len_ops)
+        for layer_fused, layer_ops in zip(fused, ops, strict=True):
+            assert len(layer_fused) == len(layer_ops) == 5
+            for a, b in zip(layer_fused, layer_ops, strict=True):
+                assert a.shape == b.shape and a.dtype == b.dtype, (step, a.shape, b.shape)
+                torch.testing.assert_close(a, b, **tol)
+
+
+def test_fused_step_is_taken_only_where_it_applies(monkeypatch):
+    calls = []
+    original = ConvEmformerLayer._fused_infer
+
+    def spy(self, *args):
+        calls.append(self)
+        return original(self, *args)
+
+    monkeypatch.setattr(ConvEmformerLayer, "_fused_infer", spy)
+    model = _model(2, 3, 8, "relu", "silu", False, torch.float32)
+    x, lengths = torch.randn(1, 6, 32), torch.tensor([6])
+    with torch.no_grad():
+        model.infer(x, lengths)
+    assert len(calls) == 2  # both layers
+    model.infer(x, lengths)  # autograd through the parameters: the ops
+    with torch.no_grad(), use_backend("reference"):
+        model.infer(x, lengths)
+    with torch.no_grad():
+        model.emformer_layers[0].ffn0.module[2] = torch.nn.GELU(approximate="tanh")
+        model.infer(x, lengths)  # layer 0: an activation the step does not have
+    assert len(calls) == 3
