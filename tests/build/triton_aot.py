@@ -176,6 +176,14 @@ def _attention_variants():
         yield (f"attention_bwd_delta-{dt}-hd{hd}", A._attn_bwd_delta_kernel, types, delta)
 
 
+def _emformer_attention_variants():
+    from seqkern._triton import emformer_attention as E
+
+    # training (bf16 hd 64 with/without key padding, fp32 hd 128) and infer (bf16 hd 64 with
+    # past_length and padding, fp16 hd 128 with past_length); tiles as the launchers pick them
+    yield from E.variants()
+
+
 def main(arch: int) -> dict:
     result = {"compiled": [], "failed": {}}
     for name, kernel, types, constexprs in [
@@ -183,6 +191,7 @@ def main(arch: int) -> dict:
         *_relbias_variants(),
         *_mega_attention_variants(),
         *_attention_variants(),
+        *_emformer_attention_variants(),
     ]:
         try:
             compiled = _compile(kernel, types, constexprs, arch)

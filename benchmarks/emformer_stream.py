@@ -1,0 +1,169 @@
+"""Streaming inference per segment: torchaudio's (Conv)Emformer before and after `seqkern.swap`.
+
+    python benchmarks/emformer_stream.py [--out DIR] [--model conv|emformer] [--batch 1] ...
+    python benchmarks/emformer_stream.py --tiny       # a small model, seconds, any machine
+
+The default is the CPU target of the Emformer issue: a ConvEmformer with input_dim 256,
+6 layers, segments of 16 frames, and the base configuration's other proportions (4 heads of
+64, ffn 1024, left context 32, right context 4, memory 4, kernel 8), at batch 1. Each round
+streams `--segments` consecutive segments (each call gets segment + right-context frames and the
+previous call's states, from no state) through upstream torchaudio 2.8.0 and through the
+swapped copy, in interleaved rounds; reported: the median time per segment of each, and the
+median over rounds of upstream / seqkern. Outputs and every state tensor are compared first.
+
+Upstream comes from torchaudio 2.8.0's pure-Python sources (`python tests/upstream/fetch.py`
+puts them under .upstream/; tests/conftest.py loads them without torchaudio's compiled part).
+Writes `<out>/<device-slug>/emformer_stream[-tiny].json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as _dt
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import seqkern
+from seqkern.bench import _commit, _versions, device_name, slug
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def upstream_classes():
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import TORCHAUDIO_DIR, _load_torchaudio_sources
+
+    if not (TORCHAUDIO_DIR / "torchaudio" / "models" / "emformer.py").exists():
+        raise SystemExit(
+            f"torchaudio 2.8.0 sources missing ({TORCHAUDIO_DIR}): run tests/upstream/fetch.py"
+        )
+    _load_torchaudio_sources()
+    return (
+        sys.modules["torchaudio.models.emformer"].Emformer,
+        sys.modules["torchaudio.prototype.models.conv_emformer"].ConvEmformer,
+    )
+
+
+def build(args):
+    emformer, conv_emformer = upstream_classes()
+    cfg = dict(
+        input_dim=args.input_dim,
+        num_heads=args.heads,
+        ffn_dim=args.ffn,
+        num_layers=args.layers,
+        segment_length=args.segment,
+        left_context_length=args.left_context,
+        right_context_length=args.right_context,
+        max_memory_size=args.memory,
+    )
+    torch.manual_seed(0)
+    if args.model == "conv":
+        cfg["kernel_size"] = args.kernel
+        model = conv_emformer(**cfg)
+    else:
+        model = emformer(**cfg)
+    return model.eval(), cfg
+
+
+def stream(model, windows, lengths):
+    states, outs = None, []
+    for x in windows:
+        y, _, states = model.infer(x, lengths, states)
+        outs.append(y)
+    return torch.cat(outs, 1), states
+
+
+def max_diff(a, b) -> float:
+    return float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--model", choices=("conv", "emformer"), default="conv")
+    p.add_argument("--input-dim", type=int, default=256)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--ffn", type=int, default=1024)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--segment", type=int, default=16)
+    p.add_argument("--left-context", type=int, default=32)
+    p.add_argument("--right-context", type=int, default=4)
+    p.add_argument("--memory", type=int, default=4)
+    p.add_argument("--kernel", type=int, default=8)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--segments", type=int, default=40, help="segments streamed per round")
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--tiny", action="store_true", help="a 2-layer 64-wide model, 8 segments")
+    args = p.parse_args()
+    if args.tiny:
+        args.input_dim, args.ffn, args.layers, args.segments, args.rounds = 64, 128, 2, 8, 3
+    device = torch.device("cpu")  # torchaudio's infer path is what is measured; CPU here
+
+    upstream, cfg = build(args)
+    ours = seqkern.swap(copy.deepcopy(upstream))
+    gen = torch.Generator().manual_seed(1)
+    width = args.segment + args.right_context
+    windows = [
+        torch.randn(args.batch, width, args.input_dim, generator=gen) for _ in range(args.segments)
+    ]
+    lengths = torch.full((args.batch,), width)
+
+    with torch.inference_mode():
+        want, want_states = stream(upstream, windows, lengths)
+        got, got_states = stream(ours, windows, lengths)
+        out_diff = max_diff(got, want)
+        state_diff = max(
+            max_diff(a, b) for sa, sb in zip(got_states, want_states) for a, b in zip(sa, sb)
+        )
+        times = {"upstream": [], "seqkern": []}
+        for _ in range(args.rounds):
+            for name, model in (("upstream", upstream), ("seqkern", ours)):
+                start = time.perf_counter()
+                stream(model, windows, lengths)
+                times[name].append((time.perf_counter() - start) * 1e3 / args.segments)
+    ratio = statistics.median(u / s for u, s in zip(times["upstream"], times["seqkern"]))
+    ms = {k: statistics.median(v) for k, v in times.items()}
+
+    name = device_name(device)
+    threads = torch.get_num_threads()
+    print(f"{args.model} emformer {cfg}, batch {args.batch}, {name}, {threads} threads")
+    print(f"max |seqkern - upstream|: output {out_diff:.2e}, states {state_diff:.2e}")
+    for k in ("upstream", "seqkern"):
+        print(f"{k:9s} {ms[k]:8.3f} ms per segment")
+    print(f"upstream / seqkern: {ratio:.2f}x (median of {args.rounds} interleaved rounds)")
+
+    result = {
+        "device": name,
+        **_versions(),
+        "commit": _commit(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "threads": torch.get_num_threads(),
+        "model": args.model,
+        "config": cfg,
+        "batch": args.batch,
+        "segments": args.segments,
+        "rounds": args.rounds,
+        "ms_per_segment": ms,
+        "ms_per_segment_rounds": times,
+        "speedup": ratio,
+        "max_abs_diff": {"output": out_diff, "states": state_diff},
+    }
+    out = Path(args.out) / slug(name)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"emformer_stream{'-tiny' if args.tiny else ''}.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {path}")
+    ok = out_diff < 1e-3 and state_diff < 1e-3
+    if not ok:
+        print("FAILED: seqkern and upstream disagree")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
