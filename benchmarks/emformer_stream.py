@@ -99,8 +99,11 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--segments", type=int, default=40, help="segments streamed per round")
     p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--tiny", action="store_true", help="a 2-layer 64-wide model, 8 segments")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.tiny:
         args.input_dim, args.ffn, args.layers, args.segments, args.rounds = 64, 128, 2, 8, 3
     device = torch.device("cpu")  # torchaudio's infer path is what is measured; CPU here
@@ -156,7 +159,8 @@ def main() -> int:
     }
     out = Path(args.out) / slug(name)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"emformer_stream{'-tiny' if args.tiny else ''}.json"
+    tag = ("-tiny" if args.tiny else "") + (f"-{args.threads}thread" if args.threads else "")
+    path = out / f"emformer_stream{tag}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {path}")
     ok = out_diff < 1e-3 and state_diff < 1e-3

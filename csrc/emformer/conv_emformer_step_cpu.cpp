@@ -41,21 +41,53 @@ namespace {
 
 enum Activation : int64_t { kRelu = 0, kGelu = 1, kSilu = 2 };
 
-at::Tensor activate(const at::Tensor& x, int64_t kind) {
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+  return at::addmm(b, x, w.t());
+}
+
+template <typename scalar_t>
+inline scalar_t apply(scalar_t v, int64_t kind) {
   switch (kind) {
     case kRelu:
-      return at::relu(x);
-    case kGelu:
-      return at::gelu(x);
-    case kSilu:
-      return at::silu(x);
-    default:
-      TORCH_CHECK(false, "conv_emformer_step_cpu: unknown activation code ", kind);
+      return v > scalar_t(0) ? v : scalar_t(0);
+    case kGelu:  // exact (erf), as nn.GELU()
+      return scalar_t(0.5) * v * (scalar_t(1) + std::erf(v * scalar_t(M_SQRT1_2)));
+    default:  // kSilu
+      return v / (scalar_t(1) + std::exp(-v));
   }
 }
 
-at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
-  return at::addmm(b, x, w.t());
+// act(x W^T + b): the GEMM without a bias, then bias and activation in one serial pass over
+// the (rows, N) result (a few thousand values: a parallel region would cost more than it saves)
+at::Tensor linear_act(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                      int64_t kind) {
+  TORCH_CHECK(kind == kRelu || kind == kGelu || kind == kSilu,
+              "conv_emformer_step_cpu: unknown activation code ", kind);
+  TORCH_CHECK(b.numel() == w.size(0), "conv_emformer_step_cpu: bias of ", b.numel(),
+              " values for a weight of ", w.size(0), " rows");
+  auto y = at::mm(x, w.t());
+  const auto bias = b.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "conv_emformer_linear_act", [&] {
+    const int64_t rows = y.size(0), n = y.size(1);
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    const scalar_t* bp = bias.data_ptr<scalar_t>();
+    for (int64_t r = 0; r < rows; ++r) {
+      scalar_t* row = yp + r * n;
+      for (int64_t c = 0; c < n; ++c) row[c] = apply<scalar_t>(row[c] + bp[c], kind);
+    }
+  });
+  return y;
+}
+
+at::Tensor activate_serial(const at::Tensor& x, int64_t kind) {
+  TORCH_CHECK(kind == kRelu || kind == kGelu || kind == kSilu,
+              "conv_emformer_step_cpu: unknown activation code ", kind);
+  auto y = x.clone(at::MemoryFormat::Contiguous);
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "conv_emformer_activate", [&] {
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    for (int64_t i = 0, n = y.numel(); i < n; ++i) yp[i] = apply<scalar_t>(yp[i], kind);
+  });
+  return y;
 }
 
 // out (T_out, B, D) = bias + sum_j w[:, j] * in[t + j]  (in (T_out + k - 1, B, D), w (D, k))
@@ -129,6 +161,11 @@ std::vector<at::Tensor> conv_emformer_step_cpu(
   TORCH_CHECK(D % num_heads == 0, "conv_emformer_step_cpu: D must be a multiple of num_heads");
   const int64_t S = mems_in.size(0) > 0 ? 1 : 0;  // a summary row when memory is used
   const int64_t m_cap = memory.size(0), lc_cap = lc_key.size(0);
+  TORCH_CHECK(weights[18].dim() == 3 && weights[18].size(0) == D && weights[18].size(1) == 1 &&
+                  weights[19].numel() == D,
+              "conv_emformer_step_cpu: the depthwise conv must be (D, 1, k) with a (D,) bias, "
+              "got ",
+              weights[18].sizes(), " and ", weights[19].sizes());
   const int64_t k = weights[18].size(2);
   TORCH_CHECK(cache.dim() == 3 && cache.size(0) == B && cache.size(1) == D &&
                   cache.size(2) == k - 1,
@@ -145,7 +182,7 @@ std::vector<at::Tensor> conv_emformer_step_cpu(
     return at::layer_norm(x, {D}, W[i], W[i + 1], e);
   };
   auto ffn = [&](const at::Tensor& x, int64_t i, double e) {
-    return linear(activate(linear(ln(x, i, e), W[i + 2], W[i + 3]), ffn_activation), W[i + 4],
+    return linear(linear_act(ln(x, i, e), W[i + 2], W[i + 3], ffn_activation), W[i + 4],
                   W[i + 5]);
   };
 
@@ -199,7 +236,8 @@ std::vector<at::Tensor> conv_emformer_step_cpu(
 
   // convolution module on [rc ; utt]
   const auto z = at::glu(linear(ln(r, 14, eps[2]), W[16], W[17]), -1).view({R + U, B, D});
-  const auto w_conv = W[18].view({D, k}).contiguous();
+  const auto w_conv = W[18].reshape({D, k}).contiguous();
+  const auto b_conv = W[19].contiguous();
   auto padded = at::empty({k - 1 + U, B, D}, opts);
   padded.narrow(0, 0, k - 1).copy_(cache.permute({2, 0, 1}));
   padded.narrow(0, k - 1, U).copy_(z.narrow(0, R, U));
@@ -208,11 +246,11 @@ std::vector<at::Tensor> conv_emformer_step_cpu(
     auto rc_window = at::empty({k - 1 + R, B, D}, opts);
     rc_window.narrow(0, 0, k - 1).copy_(padded.narrow(0, U, k - 1));
     rc_window.narrow(0, k - 1, R).copy_(z.narrow(0, 0, R));
-    y.narrow(0, 0, R).copy_(conv(rc_window, w_conv, W[19]));
+    y.narrow(0, 0, R).copy_(conv(rc_window, w_conv, b_conv));
   }
-  y.narrow(0, R, U).copy_(conv(padded, w_conv, W[19]));
+  y.narrow(0, R, U).copy_(conv(padded, w_conv, b_conv));
   const auto Y = y.view({(R + U) * B, D});
-  const auto c = linear(activate(ln(Y, 20, eps[3]), conv_activation), W[22], W[23]) + r;
+  const auto c = linear(activate_serial(ln(Y, 20, eps[3]), conv_activation), W[22], W[23]) + r;
   const auto out = ln(at::add(c, ffn(c, 24, eps[4]), 0.5), 30, eps[5]).view({R + U, B, D});
 
   // state

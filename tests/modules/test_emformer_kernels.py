@@ -1,0 +1,172 @@
+"""Emformer and ConvEmformer on the Triton segment-attention kernel (Triton interpreter).
+
+Under `use_backend("triton", "cpu")` the attention can only run on the kernel (a reference
+fallback would raise BackendError), so these tests prove the module's kernel path: per-stream
+projections, device key lengths, whole right-aligned state buffers with `past_length`, and the
+sync-free left-context state update. Compared against the float64 oracle (the same model in
+float64 under the reference backend) with `assert_close_to_oracle`, the reference backend in
+the test dtype setting the tolerance: training outputs and the gradients of the input and of
+every parameter; streaming `infer` segment by segment (outputs and every state tensor).
+"""
+
+import copy
+
+import pytest
+import torch
+
+import seqkern.modules.emformer as sk
+from seqkern import backends
+from seqkern.ops import emformer as ops
+from seqkern.testing import assert_close_to_oracle
+
+D, H, FFN, LAYERS, S = 32, 2, 32, 2, 4
+KERNEL = ("triton", "cpu")
+
+# (R, LC, M): right context 0, max memory 0 and left context 0 each appear once.
+CONFIGS = {"R2-LC3-M2": (2, 3, 2), "R0-LC4-M0": (0, 4, 0), "R1-LC0-M3": (1, 0, 3)}
+# fp32 for every configuration; fp16 (slow in the interpreter) for the one with everything on.
+CASES = [
+    (kind, cfg, dtype)
+    for kind in ("emformer", "conv")
+    for cfg in CONFIGS
+    for dtype in (torch.float32, torch.float16)
+    if dtype == torch.float32 or cfg == "R2-LC3-M2"
+]
+
+
+def _model(kind, cfg, seed=0):
+    R, LC, M = CONFIGS[cfg]
+    torch.manual_seed(seed)
+    common = dict(left_context_length=LC, right_context_length=R, max_memory_size=M)
+    if kind == "emformer":
+        return sk.Emformer(D, H, FFN, LAYERS, S, tanh_on_mem=True, **common)
+    return sk.ConvEmformer(D, H, FFN, LAYERS, S, kernel_size=3, **common)
+
+
+def _run_forward(model, x, lengths, dout, names):
+    x = x.detach().clone().requires_grad_()
+    out, out_lengths = model(x, lengths)
+    grads = torch.autograd.grad(out, [x] + [p for _, p in names(model)], dout)
+    return out, out_lengths, grads
+
+
+def _named(model):
+    return list(model.named_parameters())
+
+
+@pytest.mark.parametrize("kind,cfg,dtype", CASES, ids=str)
+def test_training_forward_and_gradients(kind, cfg, dtype):
+    R = CONFIGS[cfg][0]
+    model = _model(kind, cfg)
+    gen = torch.Generator().manual_seed(1)
+    U = 10  # not a multiple of the segment length
+    cases = [
+        (torch.randn(1, U + R, D, generator=gen), torch.tensor([U])),
+        (torch.randn(3, U + R, D, generator=gen), torch.tensor([U, 7, 2])),  # ragged
+    ]
+    for x, lengths in cases:
+        dout = torch.randn(x.size(0), U, D, generator=gen)
+        with backends.use_backend("reference"):
+            oracle = _run_forward(copy.deepcopy(model).double(), x.double(), lengths,
+                                  dout.double(), _named)  # fmt: skip
+            ref = _run_forward(copy.deepcopy(model).to(dtype), x.to(dtype), lengths,
+                               dout.to(dtype), _named)  # fmt: skip
+        with backends.use_backend(*KERNEL):
+            got = _run_forward(copy.deepcopy(model).to(dtype), x.to(dtype), lengths,
+                               dout.to(dtype), _named)  # fmt: skip
+        tag = f"B{x.size(0)}"
+        assert_close_to_oracle(got[0], oracle[0], ref[0], name=f"{tag} output")
+        assert torch.equal(got[1], lengths)
+        names = ["input"] + [n for n, _ in _named(model)]
+        for name, g, o, r in zip(names, got[2], oracle[2], ref[2]):
+            assert_close_to_oracle(g, o, r, name=f"{tag} grad of {name}")
+
+
+def _chunks(batch, R, n, gen):
+    """n (window, lengths) pairs. For B > 1 the one before last is ragged with max(lengths) =
+    s + R, the last with max(lengths) = R + 2 < s + R (upstream's offset padding mask, and
+    the left context inserted after utterance keys: the lc state update must follow it)."""
+    out = []
+    for c in range(n):
+        x = torch.randn(batch, S + R, D, generator=gen)
+        lengths = torch.full((batch,), S + R, dtype=torch.long)
+        if c == n - 2 and batch > 1:
+            lengths = torch.tensor([S + R, 2, R + 1])[:batch]
+        if c == n - 1 and batch > 1:
+            lengths = torch.tensor([R + 1, R + 2, 1])[:batch]
+        out.append((x, lengths))
+    return out
+
+
+def _stream(model, chunks, dtype):
+    """Outputs, output lengths and states of each infer call, feeding back its own states."""
+    model = copy.deepcopy(model).to(dtype)
+    states, results = None, []
+    with torch.enable_grad():  # keeps ConvEmformer off its fused CPU step (needs no autograd)
+        for x, lengths in chunks:
+            y, out_lengths, states = model.infer(x.to(dtype), lengths, states)
+            results.append((y.detach(), out_lengths, [[t.detach() for t in s] for s in states]))
+    return results
+
+
+@pytest.mark.parametrize("kind,cfg,dtype", CASES, ids=str)
+def test_infer_segment_by_segment(kind, cfg, dtype):
+    R = CONFIGS[cfg][0]
+    model = _model(kind, cfg).eval()
+    gen = torch.Generator().manual_seed(2)
+    for batch in (1, 3):
+        chunks = _chunks(batch, R, 3, gen)
+        with backends.use_backend("reference"):
+            oracle = _stream(model, chunks, torch.float64)
+            ref = _stream(model, chunks, dtype)
+        with backends.use_backend(*KERNEL):
+            got = _stream(model, chunks, dtype)
+        for step, (g, o, r) in enumerate(zip(got, oracle, ref)):
+            tag = f"B{batch} step {step}"
+            assert_close_to_oracle(g[0], o[0], r[0], name=f"{tag} output")
+            assert torch.equal(g[1], o[1]), tag
+            for layer, (gs, os_, rs) in enumerate(zip(g[2], o[2], r[2])):
+                assert len(gs) == len(os_)
+                for i, (a, b, c) in enumerate(zip(gs, os_, rs)):
+                    name = f"{tag} state[{layer}][{i}]"
+                    assert a.shape == b.shape, name
+                    if not a.is_floating_point():
+                        assert torch.equal(a, b), name
+                    elif a.numel():
+                        assert_close_to_oracle(a, b, c, name=name)
+
+
+def test_no_fallback_and_unsupported_inputs_raise():
+    """Only the kernel allowed: float64 and training dropout name their reason, no fallback."""
+    model = _model("emformer", "R2-LC3-M2")
+    x, lengths = torch.randn(2, 10, D), torch.tensor([8, 5])
+    with backends.use_backend(*KERNEL), pytest.raises(backends.BackendError, match="float64"):
+        model.double()(x.double(), lengths)
+    model = sk.Emformer(D, H, FFN, 1, S, dropout=0.1, right_context_length=2).float().train()
+    with backends.use_backend(*KERNEL), pytest.raises(backends.BackendError, match="dropout"):
+        model(x, lengths)
+    with backends.use_backend(*KERNEL):  # eval mode: dropout is off, the kernel runs
+        model.eval()(x, lengths)
+
+
+def test_op_reference_equals_kernel_on_streams():
+    """emformer_segment_attention itself: the triton backend against its reference backend
+    (infer mode with past_length and key lengths)."""
+    gen = torch.Generator().manual_seed(4)
+
+    def rnd(rows):
+        return torch.randn(rows, 2, D, generator=gen)
+
+    st = dict(q_rc=rnd(1), q_utt=rnd(S), q_sum=rnd(1), k_mem=rnd(3), k_rc=rnd(1), k_lc=rnd(5))
+    st.update(k_utt=rnd(S), v_mem=rnd(3), v_rc=rnd(1), v_lc=rnd(5), v_utt=rnd(S))
+    kw = dict(num_heads=H, segment_length=S, right_context=1, left_context=5, max_memory=3)
+    kw.update(key_lengths=torch.tensor([9, 7], dtype=torch.int32))
+    kw.update(past_length=torch.tensor([[6, 6]], dtype=torch.int32))
+    outs = {}
+    for backend in ("reference", "triton"):
+        with backends.use_backend(backend):
+            outs[backend] = ops.emformer_segment_attention(*st.values(), **kw)
+    torch.testing.assert_close(outs["triton"], outs["reference"], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="past_length is for infer"):
+        training = {**st, "k_mem": None, "k_lc": None, "v_mem": None, "v_lc": None}
+        ops.emformer_segment_attention(*training.values(), **kw)
