@@ -2,6 +2,8 @@
 
     python benchmarks/emformer_stream.py [--out DIR] [--model conv|emformer] [--batch 1] ...
     python benchmarks/emformer_stream.py --tiny       # a small model, seconds, any machine
+    python benchmarks/emformer_stream.py --device cuda --batch 256 --input-dim 512 --heads 8 \
+        --ffn 2048 --layers 20                        # the issue's base configuration on a GPU
 
 The default is the CPU target of the Emformer issue: a ConvEmformer with input_dim 256,
 6 layers, segments of 16 frames, and the base configuration's other proportions (4 heads of
@@ -13,7 +15,9 @@ median over rounds of upstream / seqkern. Outputs and every state tensor are com
 
 Upstream comes from torchaudio 2.8.0's pure-Python sources (`python tests/upstream/fetch.py`
 puts them under .upstream/; tests/conftest.py loads them without torchaudio's compiled part).
-Writes `<out>/<device-slug>/emformer_stream[-tiny].json`.
+On a GPU both models run there (timed with a synchronisation after each round, so a segment's
+time is its GPU time plus whatever host work cannot overlap it). Writes
+`<out>/<device-slug>/emformer_stream-<model>-b<batch>[-<threads>thread][-tiny].json`.
 """
 
 from __future__ import annotations
@@ -76,7 +80,10 @@ def stream(model, windows, lengths):
     for x in windows:
         y, _, states = model.infer(x, lengths, states)
         outs.append(y)
-    return torch.cat(outs, 1), states
+    out = torch.cat(outs, 1)
+    if out.is_cuda:
+        torch.cuda.synchronize(out.device)
+    return out, states
 
 
 def max_diff(a, b) -> float:
@@ -97,6 +104,7 @@ def main() -> int:
     p.add_argument("--memory", type=int, default=4)
     p.add_argument("--kernel", type=int, default=8)
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--device", default="cpu")
     p.add_argument("--segments", type=int, default=40, help="segments streamed per round")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -106,16 +114,18 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     if args.tiny:
         args.input_dim, args.ffn, args.layers, args.segments, args.rounds = 64, 128, 2, 8, 3
-    device = torch.device("cpu")  # torchaudio's infer path is what is measured; CPU here
+    device = torch.device(args.device)
 
     upstream, cfg = build(args)
+    upstream = upstream.to(device)
     ours = seqkern.swap(copy.deepcopy(upstream))
     gen = torch.Generator().manual_seed(1)
     width = args.segment + args.right_context
     windows = [
-        torch.randn(args.batch, width, args.input_dim, generator=gen) for _ in range(args.segments)
+        torch.randn(args.batch, width, args.input_dim, generator=gen).to(device)
+        for _ in range(args.segments)
     ]
-    lengths = torch.full((args.batch,), width)
+    lengths = torch.full((args.batch,), width, device=device)
 
     with torch.inference_mode():
         want, want_states = stream(upstream, windows, lengths)
@@ -150,6 +160,7 @@ def main() -> int:
         "model": args.model,
         "config": cfg,
         "batch": args.batch,
+        "device_type": device.type,
         "segments": args.segments,
         "rounds": args.rounds,
         "ms_per_segment": ms,
@@ -159,8 +170,8 @@ def main() -> int:
     }
     out = Path(args.out) / slug(name)
     out.mkdir(parents=True, exist_ok=True)
-    tag = ("-tiny" if args.tiny else "") + (f"-{args.threads}thread" if args.threads else "")
-    path = out / f"emformer_stream{tag}.json"
+    tag = f"-{args.model}-b{args.batch}" + (f"-{args.threads}thread" if args.threads else "")
+    path = out / f"emformer_stream{tag}{'-tiny' if args.tiny else ''}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {path}")
     ok = out_diff < 1e-3 and state_diff < 1e-3

@@ -71,4 +71,18 @@ echo "== end to end: VALL-E NAR decoder (12 layers)"
 $PY benchmarks/valle_decoder.py --out "$OUT/results" --rounds 3 2>&1 | tee "$OUT/valle_decoder.log" | tail -20
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
+echo "== streaming: Emformer and ConvEmformer (base configuration, 20 layers) per segment"
+if [ -f .upstream/torchaudio-2.8.0/torchaudio/models/emformer.py ]; then
+  for model in emformer conv; do
+    for batch in 1 256; do
+      $PY benchmarks/emformer_stream.py --device cuda --model "$model" --batch "$batch" \
+        --input-dim 512 --heads 8 --ffn 2048 --layers 20 --segments 20 --rounds 3 \
+        --out "$OUT/results" 2>&1 | tee -a "$OUT/emformer_stream.log" | tail -4
+      [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+    done
+  done
+else
+  echo "skipped: torchaudio 2.8.0's sources are not here (carry .upstream/ from tests/upstream/fetch.py)"
+fi
+
 exit $status
