@@ -31,6 +31,7 @@ from torch import Tensor
 import seqkern
 from seqkern import backends
 from seqkern.bench import adaln as _adaln_spec
+from seqkern.bench import emformer as _emformer_spec
 from seqkern.bench import mega as _mega_spec
 from seqkern.bench import relbias as _relbias_spec
 from seqkern.bench import valle as _valle_spec
@@ -46,6 +47,7 @@ SPECS: dict[str, OpBench] = {
         _mega_spec.CHUNK,
         _valle_spec.ATTENTION,
         _valle_spec.VALLE_BLOCK,
+        _emformer_spec.SPEC,
     )
 }
 
@@ -109,9 +111,9 @@ def _seqkern_providers(spec: OpBench, device: torch.device) -> list[Provider]:
             continue  # the reference is the "upstream" baseline's arithmetic
         if backends.unavailable_reason(name) is not None:
             continue
-        if name == "triton" and device.type != "cuda":
-            continue  # the interpreter is a testing device, not a performance one
-        if (name == "cuda") != (device.type == "cuda"):
+        if name in ("triton", "cuda") and device.type != "cuda":
+            continue  # (the Triton interpreter is a testing device, not a performance one)
+        if name == "cpu" and device.type != "cpu":
             continue
         out.append(Provider("seqkern", spec.public, backend=name))
     return out
