@@ -318,3 +318,34 @@ def test_bad_arguments_raise_clear_errors(change, match):
         (args if key in args else kwargs)[key] = val
     with pytest.raises(ValueError, match=match):
         E.segment_attention_fwd(*(args[name] for name in E.STREAMS), **kwargs)
+
+
+CUDA_CASES = [
+    # the Emformer base configuration (hd 64, s 16, LC 32, R 4, M 4) and wider heads
+    Case("train", 4, 8, 64, 250, 16, 4, 32, 4, lengths=[250, 201, 160, 97], name="base"),
+    Case("train", 2, 4, 128, 100, 16, 0, 0, 4, lengths=[100, 40], name="R0_LC0_hd128"),
+    Case("infer", 8, 8, 64, 16, 16, 4, 32, 4, [16] * 7 + [9], Mr=4, LCr=32, past=48, name="step"),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("case", CUDA_CASES, ids=repr)
+def test_cuda_kernel_matches_oracle(case, dtype):
+    gen = torch.Generator().manual_seed(3 * case.U + case.B)
+    st64 = {k: None if t is None else t.cuda() for k, t in _streams(case, gen).items()}
+    key_lengths = _key_lengths(case, st64)
+    key_lengths = None if key_lengths is None else key_lengths.cuda()
+    st = {k: None if t is None else t.to(dtype) for k, t in st64.items()}
+    kwargs = _kwargs(case, key_lengths)
+    if kwargs["past_length"] is not None:
+        kwargs["past_length"] = kwargs["past_length"].cuda()
+    out, lse = E.segment_attention_fwd(*(st[name] for name in E.STREAMS), **kwargs)
+    dout = _rnd(gen, out.shape[0], case.B, case.H * case.hd).to("cuda", dtype)
+    grads = E.segment_attention_bwd(dout, *(st[name] for name in E.STREAMS), out, lse, **kwargs)
+    oracle, oracle_grads = _oracle(case, st, key_lengths, dout, torch.float64)
+    ref, ref_grads = _oracle(case, st, key_lengths, dout, dtype)
+    assert_close_to_oracle(out, oracle, ref, name="out")
+    for name, t in st.items():
+        if t is not None:
+            assert_close_to_oracle(grads[name], oracle_grads[name], ref_grads[name], name=name)
