@@ -190,6 +190,8 @@ def _cpu_mask(q: Tensor, k: Tensor, mask: Tensor | None, causal: bool):
 
 
 def _cpu_fwd(q, k, v, mask, causal, scale):
+    # ATen's CPU kernel reads a non-unit last stride wrongly for float64: give it unit strides
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     additive, is_causal, dead = _cpu_mask(q, k, mask, causal)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q, k, v, 0.0, is_causal, attn_mask=additive, scale=scale
@@ -204,6 +206,7 @@ def _cpu_fwd(q, k, v, mask, causal, scale):
 
 
 def _cpu_bwd(dout, q, k, v, out, lse, mask, causal, scale, dq=None, dk=None, dv=None):
+    dout, q, k, v = _unit_last(dout), _unit_last(q), _unit_last(k), _unit_last(v)
     additive, is_causal, _ = _cpu_mask(q, k, mask, causal)
     grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
         dout, q, k, v, out, lse, 0.0, is_causal, attn_mask=additive, scale=scale

@@ -157,7 +157,9 @@ def test_triton_matches_oracle(device, dtype, case):
     _check_backend("triton", device, dtype, case)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str
+)
 @pytest.mark.parametrize("case", CPU_CASES, ids=repr)
 def test_cpu_backend_matches_oracle(case, dtype):
     _check_backend("cpu", "cpu", dtype, case)
