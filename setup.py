@@ -157,7 +157,14 @@ else:
 
 setup(
     version=VERSION,
-    packages=["seqkern", "seqkern.ops", "seqkern.reference", "seqkern.modules", "seqkern._triton"],
+    packages=[
+        "seqkern",
+        "seqkern.bench",
+        "seqkern.modules",
+        "seqkern.ops",
+        "seqkern.reference",
+        "seqkern._triton",
+    ],
     package_dir={"seqkern._triton": "triton_kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -60,6 +60,22 @@ def test_triton_kernels_installs_as_seqkern_triton_and_shadows_nothing(tmp_path)
     assert found["top"] is None or all(str(Path(d).resolve()) != ours for d in found["top_dirs"])
 
 
+def test_setup_lists_every_package():
+    """A non-editable install ships only the packages setup.py names (an editable one sees the
+    work tree): every folder of seqkern/ with an __init__.py must be there."""
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    call = next(
+        n
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup"
+    )
+    listed = set(ast.literal_eval(next(k.value for k in call.keywords if k.arg == "packages")))
+    found = {
+        ".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "seqkern").rglob("__init__.py")
+    }
+    assert found | {"seqkern._triton"} == listed
+
+
 def test_import_without_C_reports_instead_of_raising(tmp_path):
     proc = _run(
         """
