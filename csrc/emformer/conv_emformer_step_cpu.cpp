@@ -3,8 +3,11 @@
 // Streaming inference at batch 1 runs each layer on ~21 rows (right context, one segment, its
 // summary). Unfused, that is ~150 small PyTorch ops per layer whose Python and dispatch costs
 // rival their arithmetic, and two oneDNN depthwise convolutions whose setup dwarfs their ~40k
-// multiply-adds. Here the layer is one C++ call: the GEMMs go to ATen (addmm, bmm), the row
-// concatenations are written in place, and the depthwise convolution is a direct loop.
+// multiply-adds. Here the layer is one C++ call. Its cost is then the weights (6 MB per layer at
+// input_dim 256, read from memory each segment): float32 Linears run on the AVX-512 skinny GEMM
+// (csrc/linear/skinny_gemm_cpu.cpp) with bias, activation and residual fused into its epilogue,
+// and on BLAS where that kernel does not apply. The attention products go to ATen (bmm), the
+// row concatenations are written in place, LayerNorm and the depthwise convolution are loops.
 // seqkern.modules.emformer takes this path for ConvEmformer.infer without autograd, dropout
 // inactive, on float32 or float64 CPU tensors; the Python ops otherwise.
 //
@@ -33,6 +36,7 @@
 #include <cmath>
 #include <vector>
 
+#include "linear/skinny_gemm.h"
 #include "sk_checks.h"
 
 namespace seqkern {
@@ -40,10 +44,6 @@ namespace emformer {
 namespace {
 
 enum Activation : int64_t { kRelu = 0, kGelu = 1, kSilu = 2 };
-
-at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
-  return at::addmm(b, x, w.t());
-}
 
 template <typename scalar_t>
 inline scalar_t apply(scalar_t v, int64_t kind) {
@@ -57,23 +57,69 @@ inline scalar_t apply(scalar_t v, int64_t kind) {
   }
 }
 
-// act(x W^T + b): the GEMM without a bias, then bias and activation in one serial pass over
-// the (rows, N) result (a few thousand values: a parallel region would cost more than it saves)
-at::Tensor linear_act(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
-                      int64_t kind) {
-  TORCH_CHECK(kind == kRelu || kind == kGelu || kind == kSilu,
-              "conv_emformer_step_cpu: unknown activation code ", kind);
-  TORCH_CHECK(b.numel() == w.size(0), "conv_emformer_step_cpu: bias of ", b.numel(),
-              " values for a weight of ", w.size(0), " rows");
-  auto y = at::mm(x, w.t());
-  const auto bias = b.contiguous();
-  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "conv_emformer_linear_act", [&] {
-    const int64_t rows = y.size(0), n = y.size(1);
-    scalar_t* yp = y.data_ptr<scalar_t>();
-    const scalar_t* bp = bias.data_ptr<scalar_t>();
+// Rows up to which the skinny GEMM beats BLAS (streaming: (R + U + 1) x batch rows).
+constexpr int64_t kSkinnyRows = 96;
+
+// residual + alpha * act(x W^T + b) (act a linear::SkinnyAct; residual may be undefined).
+// float32 streaming shapes take the AVX-512 skinny GEMM with the epilogue fused; the rest
+// (float64, many rows, no AVX-512) BLAS and ATen ops in the same order of operations.
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                  int act = linear::kActNone, const at::Tensor& residual = {},
+                  double alpha = 1.0) {
+  const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
+  if (x.scalar_type() == at::kFloat && m <= kSkinnyRows && linear::skinny_gemm_f32_available()) {
+    const auto xc = x.stride(1) == 1 ? x : x.contiguous();
+    const auto wc = w.contiguous();
+    const auto bc = b.contiguous();
+    linear::SkinnyEpilogue ep;
+    ep.bias = bc.const_data_ptr<float>();
+    ep.act = act;
+    ep.alpha = static_cast<float>(alpha);
+    at::Tensor rc;
+    if (residual.defined()) {
+      rc = residual.contiguous();
+      ep.residual = rc.const_data_ptr<float>();
+      ep.ldr = n;
+    }
+    auto y = at::empty({m, n}, x.options());
+    linear::skinny_gemm_f32(xc.const_data_ptr<float>(), std::max<int64_t>(xc.stride(0), 1),
+                            wc.const_data_ptr<float>(), y.mutable_data_ptr<float>(), n, m, k, n,
+                            ep);
+    return y;
+  }
+  auto y = at::addmm(b, x, w.t());
+  if (act != linear::kActNone) {
+    AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "conv_emformer_linear_act", [&] {
+      scalar_t* yp = y.data_ptr<scalar_t>();
+      for (int64_t i = 0, e = y.numel(); i < e; ++i) yp[i] = apply<scalar_t>(yp[i], act - 1);
+    });
+  }
+  if (alpha != 1.0) y.mul_(alpha);
+  return residual.defined() ? y.add_(residual) : y;
+}
+
+// LayerNorm over the last dim of contiguous (rows, D) x: a direct loop (ATen's costs more in
+// dispatch than in arithmetic at ~21 rows); statistics accumulated in double
+at::Tensor layer_norm_rows(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& b,
+                           double eps) {
+  const auto x = x_in.contiguous();
+  auto y = at::empty_like(x);
+  const int64_t D = x.size(-1), rows = D ? x.numel() / D : 0;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_emformer_layer_norm", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    const scalar_t* bp = b.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     for (int64_t r = 0; r < rows; ++r) {
-      scalar_t* row = yp + r * n;
-      for (int64_t c = 0; c < n; ++c) row[c] = apply<scalar_t>(row[c] + bp[c], kind);
+      const scalar_t* xr = xp + r * D;
+      double sum = 0, sq = 0;
+      for (int64_t c = 0; c < D; ++c) sum += xr[c];
+      const double mean = sum / D;
+      for (int64_t c = 0; c < D; ++c) sq += (xr[c] - mean) * (xr[c] - mean);
+      const double rstd = 1.0 / std::sqrt(sq / D + eps);
+      for (int64_t c = 0; c < D; ++c) {
+        yp[r * D + c] = static_cast<scalar_t>((xr[c] - mean) * rstd * wp[c] + bp[c]);
+      }
     }
   });
   return y;
@@ -142,6 +188,10 @@ std::vector<at::Tensor> conv_emformer_step_cpu(
   TORCH_CHECK(weights.size() == 32, "conv_emformer_step_cpu: expected 32 weights, got ",
               weights.size());
   TORCH_CHECK(eps.size() == 6, "conv_emformer_step_cpu: expected 6 eps, got ", eps.size());
+  for (const int64_t code : {ffn_activation, conv_activation}) {
+    TORCH_CHECK(code == kRelu || code == kGelu || code == kSilu,
+                "conv_emformer_step_cpu: unknown activation code ", code);
+  }
   SK_CHECK_DIM(utt, 3);
   SK_CHECK_DIM(rc, 3);
   const int64_t U = utt.size(0), R = rc.size(0), B = utt.size(1), D = utt.size(2);
@@ -179,11 +229,12 @@ std::vector<at::Tensor> conv_emformer_step_cpu(
 
   const auto& W = weights;
   auto ln = [&](const at::Tensor& x, int64_t i, double e) {
-    return at::layer_norm(x, {D}, W[i], W[i + 1], e);
+    return layer_norm_rows(x, W[i].contiguous(), W[i + 1].contiguous(), e);
   };
-  auto ffn = [&](const at::Tensor& x, int64_t i, double e) {
-    return linear(linear_act(ln(x, i, e), W[i + 2], W[i + 3], ffn_activation), W[i + 4],
-                  W[i + 5]);
+  // x + 0.5 FFN(x), the residual fused into the second GEMM
+  auto ffn_residual = [&](const at::Tensor& x, int64_t i, double e) {
+    const auto h = linear(ln(x, i, e), W[i + 2], W[i + 3], ffn_activation + 1);
+    return linear(h, W[i + 4], W[i + 5], linear::kActNone, x, 0.5);
   };
 
   // x = [rc ; utt ; summary]
@@ -193,7 +244,7 @@ std::vector<at::Tensor> conv_emformer_step_cpu(
   x.narrow(0, R, U).copy_(utt);
   if (S) x.narrow(0, R + U, 1).copy_(utt.narrow(0, 0, std::min(segment_length, U)).mean(0, true));
   const auto X = x.view({Tq * B, D});
-  const auto f0 = at::add(X, ffn(X, 0, eps[0]), 0.5);
+  const auto f0 = ffn_residual(X, 0, eps[0]);
   const auto n = ln(f0, 6, eps[1]);
 
   // attention over [mem ; rc ; lc ; utt]
@@ -250,8 +301,9 @@ std::vector<at::Tensor> conv_emformer_step_cpu(
   }
   y.narrow(0, R, U).copy_(conv(padded, w_conv, b_conv));
   const auto Y = y.view({(R + U) * B, D});
-  const auto c = linear(activate_serial(ln(Y, 20, eps[3]), conv_activation), W[22], W[23]) + r;
-  const auto out = ln(at::add(c, ffn(c, 24, eps[4]), 0.5), 30, eps[5]).view({R + U, B, D});
+  const auto c = linear(activate_serial(ln(Y, 20, eps[3]), conv_activation), W[22], W[23],
+                      linear::kActNone, r);
+  const auto out = ln(ffn_residual(c, 24, eps[4]), 30, eps[5]).view({R + U, B, D});
 
   // state
   auto new_memory = at::cat({memory, mems_in});

@@ -12,6 +12,7 @@
 
 #include <algorithm>
 
+#include "linear/skinny_gemm.h"
 #include "linear/small_linear.h"
 #include "sk_checks.h"
 
@@ -134,7 +135,57 @@ at::Tensor small_linear_cpu(const at::Tensor& x_in, const at::Tensor& w_in,
   return y;
 }
 
+// The skinny GEMM (skinny_gemm.h) on tensors, for tests: x (M, K) with unit column stride,
+// weight (N, K), optional bias (N) and residual (M, N) -> residual + alpha * act(x W^T + b).
+at::Tensor skinny_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
+                             const c10::optional<at::Tensor>& bias, int64_t act,
+                             const c10::optional<at::Tensor>& residual, double alpha) {
+  TORCH_CHECK(skinny_gemm_f32_available(),
+              "skinny_linear_cpu: the AVX-512 kernel is unavailable here (or disabled)");
+  SK_CHECK_DIM(x, 2);
+  SK_CHECK_DIM(weight, 2);
+  TORCH_CHECK(x.is_cpu() && weight.is_cpu(), "skinny_linear_cpu: CPU tensors only");
+  SK_CHECK_DTYPE(x, at::kFloat);
+  SK_CHECK_DTYPE(weight, at::kFloat);
+  TORCH_CHECK(act >= kActNone && act <= kActSilu, "skinny_linear_cpu: unknown activation ", act);
+  const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
+  TORCH_CHECK(weight.size(1) == k, "skinny_linear_cpu: weight must be (N, ", k, "), got ",
+              weight.sizes());
+  TORCH_CHECK(x.stride(1) == 1 || k <= 1, "skinny_linear_cpu: x needs unit column stride");
+  const at::Tensor w = weight.contiguous();
+  SkinnyEpilogue ep;
+  ep.act = static_cast<int>(act);
+  ep.alpha = static_cast<float>(alpha);
+  at::Tensor b, r;
+  if (bias.has_value() && bias->defined()) {
+    SK_CHECK_DTYPE(*bias, at::kFloat);
+    SK_CHECK_SHAPE(*bias, n);
+    b = bias->contiguous();
+    ep.bias = b.const_data_ptr<float>();
+  }
+  if (residual.has_value() && residual->defined()) {
+    SK_CHECK_DTYPE(*residual, at::kFloat);
+    SK_CHECK_SHAPE(*residual, m, n);
+    r = residual->contiguous();
+    ep.residual = r.const_data_ptr<float>();
+    ep.ldr = n;
+  }
+  at::Tensor y = at::empty({m, n}, x.options());
+  skinny_gemm_f32(x.const_data_ptr<float>(), std::max<int64_t>(x.stride(0), 1),
+                  w.const_data_ptr<float>(), y.mutable_data_ptr<float>(), n, m, k, n, ep);
+  return y;
+}
+
 void bind(pybind11::module_& m) {
+  m.def("skinny_linear_cpu", &skinny_linear_cpu,
+        "residual + alpha * act(x @ weight^T + bias), the AVX-512 skinny GEMM (tests)",
+        pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias") = pybind11::none(),
+        pybind11::arg("act") = 0, pybind11::arg("residual") = pybind11::none(),
+        pybind11::arg("alpha") = 1.0);
+  m.def("skinny_gemm_available", &skinny_gemm_f32_available,
+        "whether the AVX-512 skinny GEMM runs on this CPU (and is enabled)");
+  m.def("skinny_gemm_set_enabled", &skinny_gemm_set_enabled,
+        "turn the skinny GEMM on or off (callers fall back to BLAS); returns the previous value");
   m.def("small_linear_cpu", &small_linear_cpu, "x @ weight^T + bias for at most 8 rows (CPU)",
         pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias") = pybind11::none());
   m.attr("small_linear_max_rows") = kMaxRows;

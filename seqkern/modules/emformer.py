@@ -801,31 +801,33 @@ class ConvEmformerLayer(_StreamingLayerState, nn.Module):
         )
         return out_utt, out_rc, new_mems
 
-    def _fused_infer_ok(self, x: Tensor, state: State | None) -> bool:
-        """The fused C++ step covers float32/float64 CPU inference (no autograd, no active
-        dropout, no tracing) with ReLU/GELU/SiLU activations; anything else runs the ops."""
+    def _fused_plan(self, x: Tensor, state: State | None):
+        """The fused C++ step's arguments (weights, eps, ffn and conv activation codes) where it
+        applies: float32/float64 CPU inference (no autograd, no active dropout, no tracing)
+        with ReLU/GELU/SiLU activations. None where the ops must run."""
         if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
-            return False
+            return None
         order = backends.allowed_backends()
         if order is not None and "cpu" not in order:
-            return False
+            return None
         if backends.unavailable_reason("cpu") or not hasattr(_ext.C, "conv_emformer_step_cpu"):
-            return False
+            return None
         if torch.jit.is_tracing() or torch.compiler.is_compiling():
-            return False
+            return None
         if self.training and self.dropout.p > 0:
-            return False
-        if torch.is_grad_enabled() and (
-            x.requires_grad or any(p.requires_grad for p in self.parameters())
-        ):
-            return False
+            return None
         ffn_act = _activation_code(self.ffn0.module[2])
         conv_act = _activation_code(self.conv.post_conv[1])
         if ffn_act is None or conv_act is None or _activation_code(self.ffn1.module[2]) != ffn_act:
-            return False
-        if any(p.dtype != x.dtype or p.device.type != "cpu" for p in self.parameters()):
-            return False
-        return state is None or all(t.device.type == "cpu" for t in state)
+            return None
+        weights, eps = self._fused_weights()  # every parameter of the layer
+        if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
+            return None
+        if any(w.dtype != x.dtype or w.device.type != "cpu" for w in weights):
+            return None
+        if state is not None and any(t.device.type != "cpu" for t in state):
+            return None
+        return weights, eps, ffn_act, conv_act
 
     def _fused_weights(self) -> tuple[list[Tensor], list[float]]:
         """The parameters in the order csrc/emformer/conv_emformer_step_cpu.cpp takes them."""
@@ -841,13 +843,14 @@ class ConvEmformerLayer(_StreamingLayerState, nn.Module):
         return weights, eps
 
     def _fused_infer(
-        self, utterance: Tensor, lengths: Tensor, right_context: Tensor, state, mems: Tensor
+        self, utterance: Tensor, lengths: Tensor, right_context: Tensor, state, mems: Tensor, plan
     ) -> tuple[Tensor, Tensor, State, Tensor]:
-        """`infer` as one C++ call (csrc/emformer/conv_emformer_step_cpu.cpp)."""
+        """`infer` as one C++ call (csrc/emformer/conv_emformer_step_cpu.cpp); `plan` is what
+        `_fused_plan` returned."""
+        weights, eps, ffn_act, conv_act = plan
         if state is None:
             state = self.init_state(utterance.size(1), device=utterance.device)
         state = self._in_dtype(state, utterance.dtype)
-        weights, eps = self._fused_weights()
         utt, rc, next_m, *new_state = _ext.C.conv_emformer_step_cpu(
             utterance,
             right_context,
@@ -858,8 +861,8 @@ class ConvEmformerLayer(_StreamingLayerState, nn.Module):
             eps,
             self.attention.num_heads,
             self.segment_length,
-            _activation_code(self.ffn0.module[2]),
-            _activation_code(self.conv.post_conv[1]),
+            ffn_act,
+            conv_act,
             self.attention.tanh_on_mem,
             float(self.attention.negative_inf),
         )
@@ -1075,9 +1078,12 @@ class _EmformerBase(SequenceModule):
         new_states: list[State] = []
         for i, layer in enumerate(self.emformer_layers):
             layer_state = None if states is None else list(states[i])
-            if isinstance(layer, ConvEmformerLayer) and layer._fused_infer_ok(x, layer_state):
+            plan = (
+                layer._fused_plan(x, layer_state) if isinstance(layer, ConvEmformerLayer) else None
+            )
+            if plan is not None:
                 output, right_context, state, mems = layer._fused_infer(
-                    output, output_lengths, right_context, layer_state, mems
+                    output, output_lengths, right_context, layer_state, mems, plan
                 )
                 new_states.append(state)
                 continue

@@ -4,31 +4,46 @@ The op-by-op path (use_backend("reference") turns the fused step off) is proven 
 torchaudio in tests/reference; here the fused step must give the same outputs and the same
 state lists (every tensor, shapes included) over several segments, for B = 1 and ragged
 B > 1, with and without right context, memory and left context, each activation, tanh on the
-memory, and float64.
+memory, float64, and an input_dim off the GEMM kernel's 16-wide steps; float32 runs both
+with the AVX-512 skinny GEMM (where the CPU has it) and with BLAS.
 """
 
 import pytest
 import torch
 
-from seqkern import use_backend
+from seqkern import _ext, use_backend
 from seqkern.modules.emformer import ConvEmformer, ConvEmformerLayer
 
 CONFIGS = [
-    # (B, R, M, LC, ffn activation, conv activation, tanh_on_mem, dtype)
-    (1, 2, 3, 8, "relu", "silu", False, torch.float32),
-    (3, 2, 3, 8, "gelu", "relu", False, torch.float32),  # ragged lengths: key padding
-    (2, 0, 0, 6, "silu", "gelu", True, torch.float32),  # no right context, no memory
-    (1, 1, 2, 0, "relu", "silu", True, torch.float32),  # no left context
-    (3, 2, 1, 5, "relu", "silu", False, torch.float64),
+    # (B, R, M, LC, ffn activation, conv activation, tanh_on_mem, dtype, input_dim)
+    (1, 2, 3, 8, "relu", "silu", False, torch.float32, 32),
+    (3, 2, 3, 8, "gelu", "relu", False, torch.float32, 32),  # ragged lengths: key padding
+    (2, 0, 0, 6, "silu", "gelu", True, torch.float32, 32),  # no right context, no memory
+    (1, 1, 2, 0, "relu", "silu", True, torch.float32, 32),  # no left context
+    (1, 3, 2, 5, "gelu", "silu", False, torch.float32, 36),  # K = 36 and 72: tails mod 16
+    (3, 2, 1, 5, "relu", "silu", False, torch.float64, 32),
 ]
 
 
-def _model(R, M, LC, ffn_act, conv_act, tanh, dtype):
+@pytest.fixture(params=["skinny", "blas"])
+def gemm(request):
+    """The fused step's GEMMs on the AVX-512 skinny kernel, or on BLAS (its fallback)."""
+    if request.param == "skinny" and not C.skinny_gemm_available():
+        pytest.skip("no AVX-512F on this CPU: the skinny GEMM is not used here")
+    before = C.skinny_gemm_set_enabled(request.param == "skinny")
+    yield request.param
+    C.skinny_gemm_set_enabled(before)
+
+
+C = _ext.C
+
+
+def _model(R, M, LC, ffn_act, conv_act, tanh, dtype, D=32):
     torch.manual_seed(0)
     model = ConvEmformer(
-        32,
+        D,
         4,
-        64,
+        2 * D,
         2,
         segment_length=4,
         kernel_size=3,
@@ -45,14 +60,16 @@ def _model(R, M, LC, ffn_act, conv_act, tanh, dtype):
     return model.eval()
 
 
-@pytest.mark.parametrize("B,R,M,LC,ffn_act,conv_act,tanh,dtype", CONFIGS)
-def test_fused_step_matches_the_ops_state_by_state(B, R, M, LC, ffn_act, conv_act, tanh, dtype):
-    model = _model(R, M, LC, ffn_act, conv_act, tanh, dtype)
+@pytest.mark.parametrize("B,R,M,LC,ffn_act,conv_act,tanh,dtype,D", CONFIGS)
+def test_fused_step_matches_the_ops_state_by_state(
+    gemm, B, R, M, LC, ffn_act, conv_act, tanh, dtype, D
+):
+    model = _model(R, M, LC, ffn_act, conv_act, tanh, dtype, D)
     gen = torch.Generator().manual_seed(1)
     fused = ops = None
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
     for step in range(7):
-        x = torch.randn(B, 4 + R, 32, generator=gen).to(dtype)
+        x = torch.randn(B, 4 + R, D, generator=gen).to(dtype)
         lengths = torch.tensor([4 + R - (b % 3) for b in range(B)])  # ragged when B > 1
         with torch.no_grad():
             y_fused, len_fused, fused = model.infer(x, lengths, fused)
