@@ -5,7 +5,9 @@ Two ops:
     emformer_segment_attention()  the projected streams where they lie ([rc | utt | sum]
                                   queries, [mem | rc | lc | utt] keys/values), the mask given by
                                   the segment layout (training) or by `past_length` (infer) and
-                                  `key_lengths`. Backends: `triton` (an autograd.Function around
+                                  `key_lengths`. Backends: `triton` (an autograd.Function over
+                                  the torch.library ops seqkern::emformer_segment_attention and
+                                  seqkern::emformer_segment_attention_bwd, which run
                                   seqkern._triton.emformer_attention) and `reference` (builds the
                                   concatenations and dense masks the module builds, then
                                   `emformer_attention_ref`).
@@ -24,6 +26,7 @@ import torch
 from torch import Tensor
 
 from seqkern import backends
+from seqkern.ops._library import define_op
 from seqkern.reference.emformer import emformer_attention_ref
 
 OP = "emformer_attention"
@@ -366,7 +369,7 @@ def emformer_segment_attention(
         past_length,
         dropout_p,
     )
-    kernel = backends.select(SEGMENT_OP, q_utt, num_heads, dropout_p, training)
+    fwd = _SEGMENT_FWD[_chosen_backend(q_utt, num_heads, float(dropout_p), bool(training))]
     cfg = dict(
         num_heads=num_heads,
         segment_length=segment_length,
@@ -375,7 +378,14 @@ def emformer_segment_attention(
         max_memory=max_memory,
         negative_inf=float(negative_inf),
     )
-    return kernel.fwd(streams, cfg, key_lengths, past_length, float(dropout_p), bool(training))
+    return fwd(streams, cfg, key_lengths, past_length, float(dropout_p), bool(training))
+
+
+@torch.compiler.assume_constant_result
+def _chosen_backend(x: Tensor, num_heads: int, dropout_p: float, training: bool) -> str:
+    """backends.select's choice, by name. Under torch.compile it is made when the graph is
+    traced (dynamo cannot trace the ContextVar behind use_backend) and holds for that graph."""
+    return backends.select(SEGMENT_OP, x, num_heads, dropout_p, training).backend
 
 
 def segment_attention_backend(x: Tensor, num_heads: int, dropout_p: float, training: bool) -> str:
@@ -472,17 +482,109 @@ def _unit_last(t: Tensor | None) -> Tensor | None:
     return t.contiguous()
 
 
+# The Triton kernels as torch.library ops (schema + fake), so torch.compile and export see two
+# opaque calls rather than the launchers' Python; the reference backend is plain differentiable
+# PyTorch and needs none. A stream passed as None has no gradient: the backward op returns an
+# empty (0,) tensor in its place (an op's tensor list cannot hold None).
+_SEGMENT_ARGS = (
+    "Tensor q_rc, Tensor q_utt, Tensor? q_sum, Tensor? k_mem, Tensor k_rc, Tensor? k_lc,"
+    " Tensor k_utt, Tensor? v_mem, Tensor v_rc, Tensor? v_lc, Tensor v_utt,"
+    " Tensor? key_lengths, Tensor? past_length, int num_heads, int segment_length,"
+    " int right_context, int left_context, int max_memory, float negative_inf, float scale"
+)
+
+
+def _segment_cfg(num_heads, segment_length, right_context, left_context, max_memory, neg, scale):
+    return dict(
+        num_heads=num_heads,
+        segment_length=segment_length,
+        right_context=right_context,
+        left_context=left_context,
+        max_memory=max_memory,
+        negative_inf=neg,
+        scale=scale,
+    )
+
+
+def _segment_fwd_impl(*args):
+    from seqkern._triton.emformer_attention import segment_attention_fwd
+
+    streams = tuple(_unit_last(t) for t in args[:11])
+    key_lengths, past_length, *rest = args[11:]
+    return segment_attention_fwd(
+        *streams, **_segment_cfg(*rest), key_lengths=key_lengths, past_length=past_length
+    )
+
+
+def _segment_fwd_fake(*args):
+    q_rc, q_utt, q_sum = args[:3]
+    num_heads = args[13]
+    rows = q_rc.size(0) + q_utt.size(0) + _rows(q_sum)
+    B, D = q_utt.size(1), q_utt.size(2)
+    out = q_utt.new_empty((rows, B, D))
+    return out, q_utt.new_empty((B, num_heads, rows), dtype=torch.float32)
+
+
+def _segment_bwd_impl(dout, *args):
+    from seqkern._triton.emformer_attention import segment_attention_bwd
+
+    streams = tuple(_unit_last(t) for t in args[:11])
+    out, lse, key_lengths, past_length, *rest = args[11:]
+    grads = segment_attention_bwd(
+        _unit_last(dout),
+        *streams,
+        out,
+        lse,
+        **_segment_cfg(*rest),
+        key_lengths=key_lengths,
+        past_length=past_length,
+    )
+    return [dout.new_empty(0) if grads[n] is None else grads[n] for n in _STREAMS]
+
+
+def _segment_bwd_fake(dout, *args):
+    return [
+        dout.new_empty(0)
+        if t is None
+        else torch.empty_like(t, memory_format=torch.contiguous_format)
+        for t in args[:11]
+    ]
+
+
+define_op(
+    "emformer_segment_attention",
+    f"({_SEGMENT_ARGS}) -> (Tensor out, Tensor lse)",
+    _segment_fwd_impl,
+    _segment_fwd_fake,
+)
+define_op(
+    "emformer_segment_attention_bwd",
+    "(Tensor dout, Tensor q_rc, Tensor q_utt, Tensor? q_sum, Tensor? k_mem, Tensor k_rc,"
+    " Tensor? k_lc, Tensor k_utt, Tensor? v_mem, Tensor v_rc, Tensor? v_lc, Tensor v_utt,"
+    " Tensor out, Tensor lse, Tensor? key_lengths, Tensor? past_length, int num_heads,"
+    " int segment_length, int right_context, int left_context, int max_memory,"
+    " float negative_inf, float scale) -> Tensor[]",
+    _segment_bwd_impl,
+    _segment_bwd_fake,
+)
+
+
 class _SegmentAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cfg, key_lengths, past_length, *streams):
-        from seqkern._triton.emformer_attention import segment_attention_fwd
-
-        streams = tuple(_unit_last(t) for t in streams)
         scale = (streams[1].size(2) // cfg["num_heads"]) ** -0.5
-        out, lse = segment_attention_fwd(
-            *streams, **cfg, scale=scale, key_lengths=key_lengths, past_length=past_length
+        ctx.args = (
+            cfg["num_heads"],
+            cfg["segment_length"],
+            cfg["right_context"],
+            cfg["left_context"],
+            cfg["max_memory"],
+            cfg["negative_inf"],
+            scale,
         )
-        ctx.cfg, ctx.scale = cfg, scale
+        out, lse = torch.ops.seqkern.emformer_segment_attention(
+            *streams, key_lengths, past_length, *ctx.args
+        )
         ctx.present = tuple(t is not None for t in streams)
         ctx.save_for_backward(
             *(t for t in streams if t is not None), out, lse, key_lengths, past_length
@@ -492,25 +594,15 @@ class _SegmentAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        from seqkern._triton.emformer_attention import segment_attention_bwd
-
         *saved, out, lse, key_lengths, past_length = ctx.saved_tensors
         it = iter(saved)
         streams = [next(it) if present else None for present in ctx.present]
-        dout = _unit_last(dout)
-        grads = segment_attention_bwd(
-            dout,
-            *streams,
-            out,
-            lse,
-            **ctx.cfg,
-            scale=ctx.scale,
-            key_lengths=key_lengths,
-            past_length=past_length,
+        grads = torch.ops.seqkern.emformer_segment_attention_bwd(
+            dout, *streams, out, lse, key_lengths, past_length, *ctx.args
         )
         needs = ctx.needs_input_grad[3:]
         return (None, None, None) + tuple(
-            grads[name] if need else None for name, need in zip(_STREAMS, needs)
+            g if need and present else None for g, need, present in zip(grads, needs, ctx.present)
         )
 
 
@@ -525,6 +617,7 @@ def _segment_triton_bwd(*args):  # the autograd.Function above runs the backward
     raise NotImplementedError("emformer_segment_attention's triton backward runs via autograd")
 
 
+_SEGMENT_FWD = {"reference": _segment_reference, "triton": _segment_triton_fwd}
 backends.register_reference(SEGMENT_OP, _segment_reference)
 backends.register(
     backends.Kernel(

@@ -170,3 +170,64 @@ def test_op_reference_equals_kernel_on_streams():
     with pytest.raises(ValueError, match="past_length is for infer"):
         training = {**st, "k_mem": None, "k_lc": None, "v_mem": None, "v_lc": None}
         ops.emformer_segment_attention(*training.values(), **kw)
+
+
+def _op_args(infer: bool, seed: int = 5):
+    """Streams and the op's scalar arguments: infer (lc given, past_length) or training (U = 6
+    over 2 segments of S = 4: 2 rc blocks of 1 row, 1 memory row, 2 summary rows)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(rows):
+        return torch.randn(rows, 2, D, generator=gen)
+
+    if infer:
+        st = [rnd(1), rnd(S), rnd(1), rnd(3), rnd(1), rnd(5), rnd(S), rnd(3), rnd(1), rnd(5)]
+        st.append(rnd(S))
+        extra = [torch.tensor([9, 7], dtype=torch.int32), torch.tensor([[6, 6]], dtype=torch.int32)]
+    else:
+        st = [rnd(2), rnd(6), rnd(2), rnd(1), rnd(2), None, rnd(6), rnd(1), rnd(2), None, rnd(6)]
+        extra = [torch.tensor([9, 6], dtype=torch.int32), None]
+    return st, extra + [H, S, 1, 5, 3, -1e8, (D // H) ** -0.5]
+
+
+@pytest.mark.parametrize("infer", [False, True], ids=["training", "infer"])
+def test_library_ops_opcheck(infer):
+    """The Triton kernels' torch.library ops: schema, fake (shapes, dtypes, strides) and
+    autograd registration, in training and in infer mode."""
+    streams, rest = _op_args(infer)
+    with backends.use_backend("triton"):
+        out, lse = torch.ops.seqkern.emformer_segment_attention(*streams, *rest)
+        assert lse.shape == (2, H, out.size(0)) and lse.dtype == torch.float32
+        torch.library.opcheck(torch.ops.seqkern.emformer_segment_attention.default,
+                              (*streams, *rest))  # fmt: skip
+        dout = torch.randn_like(out)
+        bwd_args = (dout, *streams, out, lse, *rest)
+        grads = torch.ops.seqkern.emformer_segment_attention_bwd(*bwd_args)
+        for g, t in zip(grads, streams, strict=True):
+            assert g.shape == ((0,) if t is None else t.shape)
+        torch.library.opcheck(torch.ops.seqkern.emformer_segment_attention_bwd.default, bwd_args)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_torch_compile_fullgraph_training(backend):
+    """emformer_segment_attention under torch.compile(fullgraph=True) (the backend chosen
+    when the graph is traced): the same output and stream gradients as eager."""
+    streams, rest = _op_args(False)
+    streams = [None if t is None else t.requires_grad_() for t in streams]
+    kw = dict(num_heads=H, segment_length=S, right_context=1, left_context=5, max_memory=3)
+    kw["key_lengths"] = rest[0]
+
+    def f(*st):
+        return ops.emformer_segment_attention(*st, **kw)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    leaves = [t for t in streams if t is not None]
+    with backends.use_backend(backend):
+        want = f(*streams)
+        dout = torch.randn_like(want)
+        want_grads = torch.autograd.grad(want, leaves, dout)
+        got = compiled(*streams)
+        got_grads = torch.autograd.grad(got, leaves, dout)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b)
