@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
 # One command for a machine with a CUDA GPU, the CUDA toolkit and no network:
-# build the CUDA extension in place, run the cuda test tier, run `seqkern bench` at full sizes,
-# and write results and logs to OUTDIR. Meant to finish inside 10 minutes on an H100.
+# build the CUDA extension in place, run the cuda test tier, run `seqkern bench` at full sizes
+# and the end-to-end model benchmarks, and write results and logs to OUTDIR.
 #
-#   benchmarks/gpu_check.sh OUTDIR
+#   benchmarks/gpu_check.sh OUTDIR [PARTS]
+#
+# PARTS (default "tests,bench,e2e") picks what runs after the build; all of it together takes
+# longer than one 10-minute command, so run e.g. "tests,bench" in one call and "e2e" in the next.
 #
 # OUTDIR gets: build.log, info.txt, test_cuda.log, bench.log, and results/<gpu-slug>/full.json
 # plus one full-<op>.png per op. Commit the results/ part under benchmarks/results/.
 set -uo pipefail
 
-OUT=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
+OUT=${1:?usage: benchmarks/gpu_check.sh OUTDIR [tests,bench,e2e]}
+PARTS=",${2:-tests,bench,e2e},"
+want() { [[ "$PARTS" == *",$1,"* ]]; }
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
@@ -40,15 +45,21 @@ echo "built in $(( $(date +%s) - start )) s" | tee -a "$OUT/build.log"
 
 $PY -m seqkern info 2>&1 | tee "$OUT/info.txt"
 
-echo "== cuda test tier"
-start=$(date +%s)
-$PY -m pytest -m cuda -q -p no:cacheprovider 2>&1 | tee "$OUT/test_cuda.log" | tail -25
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-echo "tests took $(( $(date +%s) - start )) s"
+if want tests; then
+  echo "== cuda test tier"
+  start=$(date +%s)
+  $PY -m pytest -m cuda -q -p no:cacheprovider 2>&1 | tee "$OUT/test_cuda.log" | tail -25
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  echo "tests took $(( $(date +%s) - start )) s"
+fi
 
-echo "== seqkern bench (full sizes)"
-$PY -m seqkern bench --out "$OUT/results" --no-progress 2>&1 | tee "$OUT/bench.log" | tail -60
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+if want bench; then
+  echo "== seqkern bench (full sizes)"
+  $PY -m seqkern bench --out "$OUT/results" --no-progress 2>&1 | tee "$OUT/bench.log" | tail -60
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+
+want e2e || exit $status
 
 echo "== end to end: ESPnet BeatsEncoder before and after seqkern.swap"
 if $PY -c "import espnet2.asr.encoder.beats_encoder" >/dev/null 2>&1; then
@@ -80,6 +91,17 @@ if [ -f .upstream/torchaudio-2.8.0/torchaudio/models/emformer.py ]; then
         --out "$OUT/results" 2>&1 | tee -a "$OUT/emformer_stream.log" | tail -4
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
     done
+  done
+else
+  echo "skipped: torchaudio 2.8.0's sources are not here (carry .upstream/ from tests/upstream/fetch.py)"
+fi
+
+echo "== training: Emformer and ConvEmformer (base configuration, B = 32 x 10 s) forward + backward"
+if [ -f .upstream/torchaudio-2.8.0/torchaudio/models/emformer.py ]; then
+  for model in emformer conv; do
+    $PY benchmarks/emformer_train.py --device cuda --model "$model" --out "$OUT/results" 2>&1 \
+      | tee -a "$OUT/emformer_train.log" | tail -8
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   done
 else
   echo "skipped: torchaudio 2.8.0's sources are not here (carry .upstream/ from tests/upstream/fetch.py)"
