@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from seqkern import _ext, backends
 from seqkern.modules.sequence import SequenceModule
 from seqkern.ops import emformer as emformer_ops
+from seqkern.ops.emformer_conv import emformer_segment_conv, segment_conv_backend
 
 State = list[Tensor]
 
@@ -666,6 +667,25 @@ class ConvolutionModule(nn.Module):
         out = out.reshape(-1, batch, dim, rc_len).permute(0, 3, 1, 2)  # (n, R, B, D)
         return out.reshape(-1, batch, dim)
 
+    def _kernel_conv(self, z: Tensor, utterance_length: int) -> bool:
+        """Whether the depthwise conv runs as the `emformer_segment_conv` op on a kernel (it
+        reads z and the cache where they lie) rather than as the cat/stack/Conv1d code below,
+        which is the op's reference. Raises BackendError where the allowed backends exclude
+        the reference and no kernel takes z."""
+        if utterance_length == 0 or self.conv.weight.dtype != z.dtype:
+            return False
+        return segment_conv_backend(z) != "reference"
+
+    def _next_cache(self, z_utt: Tensor, state: Tensor | None) -> Tensor:
+        """The last k-1 frames of [cache ; utterance pre-conv rows] as (B, D, k-1)."""
+        k1, (U, B, D) = self.state_size, z_utt.shape
+        tail = z_utt[max(U - k1, 0) :].permute(1, 2, 0)
+        if U >= k1:
+            return tail
+        if state is None:
+            state = z_utt.new_zeros(B, D, k1)
+        return torch.cat([state, tail], dim=2)[:, :, -k1:]
+
     def forward(
         self, utterance: Tensor, right_context: Tensor, state: Tensor | None
     ) -> tuple[Tensor, Tensor, Tensor]:
@@ -673,6 +693,18 @@ class ConvolutionModule(nn.Module):
         x = torch.cat([right_context, utterance])
         z = self.pre_conv(x)
         rc = right_context.size(0)
+        if self._kernel_conv(z, utterance.size(0)):
+            y = emformer_segment_conv(
+                z,
+                self.conv.weight,
+                self.conv.bias,
+                state,
+                utterance_length=utterance.size(0),
+                segment_length=self.segment_length,
+                right_context=self.right_context_length,
+            )
+            out = self.post_conv(y) + x
+            return out[rc:], out[:rc], self._next_cache(z[rc:], state)
         z_rc, z_utt = z[:rc], z[rc:].permute(1, 2, 0)  # z_utt: (B, D, U)
         if state is None:
             state = torch.zeros(

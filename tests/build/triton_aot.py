@@ -184,6 +184,13 @@ def _emformer_attention_variants():
     yield from E.variants()
 
 
+def _emformer_conv_variants():
+    from seqkern._triton import emformer_conv as C
+
+    # ConvEmformer's depthwise conv: each dtype at k = 8 with and without a cache, k = 1, k = 32
+    yield from C.variants()
+
+
 def main(arch: int) -> dict:
     result = {"compiled": [], "failed": {}}
     for name, kernel, types, constexprs in [
@@ -192,6 +199,7 @@ def main(arch: int) -> dict:
         *_mega_attention_variants(),
         *_attention_variants(),
         *_emformer_attention_variants(),
+        *_emformer_conv_variants(),
     ]:
         try:
             compiled = _compile(kernel, types, constexprs, arch)

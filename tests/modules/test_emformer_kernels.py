@@ -231,3 +231,27 @@ def test_torch_compile_fullgraph_training(backend):
     torch.testing.assert_close(got, want)
     for a, b in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_conv_module_runs_the_segment_conv_kernel(monkeypatch):
+    """Under the kernel backends ConvEmformer's depthwise conv is the emformer_segment_conv
+    op on its triton backend, in training and in infer (no silent cat/Conv1d path)."""
+    from seqkern.ops import emformer_conv
+
+    calls = []
+    original = sk.emformer_segment_conv
+
+    def spy(z, *args, **kwargs):
+        calls.append(emformer_conv.segment_conv_backend(z))
+        return original(z, *args, **kwargs)
+
+    monkeypatch.setattr(sk, "emformer_segment_conv", spy)
+    model = _model("conv", "R2-LC3-M2")
+    x, lengths = torch.randn(2, 10 + 2, D), torch.tensor([10, 7])
+    with backends.use_backend(*KERNEL):
+        model(x, lengths)
+        assert calls == ["triton"] * LAYERS
+        _stream(model, _chunks(2, 2, 2, torch.Generator().manual_seed(0)), torch.float32)
+    assert calls == ["triton"] * (3 * LAYERS)
+    model(x, lengths)  # auto mode on CPU: the reference code, not the op
+    assert len(calls) == 3 * LAYERS
