@@ -2,9 +2,9 @@
 //
 // Streaming a ConvEmformer at batch 1 runs every Linear on ~21 rows, and the layer's cost is
 // the weights: each is read from memory once per segment. BLAS (MKL's sgemm on this path)
-// packs the weight into a panel first and reaches ~45 GFLOP/s per core on a 21 x 256 x 1024
-// product with cold weights; the arithmetic limit is ~90 (measured on the dev VM, AMD EPYC).
-// This kernel reads the weight where it lies, in blocks of 4 output rows:
+// reaches ~51 GFLOP/s per core on a 21 x 256 x 1024 product with cold weights, this kernel ~82
+// (benchmarks/skinny_gemm.py, results/cpu-amd-epyc/skinny_gemm-1thread.json).
+// It reads the weight where it lies, in blocks of 4 output rows:
 //   - each 64-byte piece of the 4 weight rows is loaded once into a register and meets up to
 //     6 rows of x (24 accumulators of 16 lanes, 29 of the 32 zmm registers in use);
 //   - the 4 x (up to) 6 partial sums are folded to scalars only once per block;
