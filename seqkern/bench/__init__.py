@@ -32,6 +32,7 @@ import seqkern
 from seqkern import backends
 from seqkern.bench import adaln as _adaln_spec
 from seqkern.bench import emformer as _emformer_spec
+from seqkern.bench import emformer_conv as _emformer_conv_spec
 from seqkern.bench import mega as _mega_spec
 from seqkern.bench import relbias as _relbias_spec
 from seqkern.bench import valle as _valle_spec
@@ -48,6 +49,7 @@ SPECS: dict[str, OpBench] = {
         _valle_spec.ATTENTION,
         _valle_spec.VALLE_BLOCK,
         _emformer_spec.SPEC,
+        _emformer_conv_spec.SPEC,
     )
 }
 

@@ -14,7 +14,13 @@ def _labels(op, device, monkeypatch):
 
 def test_gpu_runs_get_cuda_and_triton_rows(monkeypatch):
     assert _labels("adaln", "cuda", monkeypatch) == ["seqkern[cuda]", "seqkern[triton]"]
-    for op in ("attention", "relbias_attention", "chunk_attention", "emformer_segment_attention"):
+    for op in (
+        "attention",
+        "relbias_attention",
+        "chunk_attention",
+        "emformer_segment_attention",
+        "emformer_segment_conv",
+    ):
         assert "seqkern[triton]" in _labels(op, "cuda", monkeypatch), op
     assert _labels("ema", "cuda", monkeypatch) == ["seqkern[cuda]"]
 
