@@ -672,19 +672,23 @@ class ConvolutionModule(nn.Module):
         reads z and the cache where they lie) rather than as the cat/stack/Conv1d code below,
         which is the op's reference. Raises BackendError where the allowed backends exclude
         the reference and no kernel takes z."""
-        if utterance_length == 0 or self.conv.weight.dtype != z.dtype:
+        if utterance_length == 0:
             return False
+        if self.conv.weight.dtype != z.dtype and not _autocast_to(z):
+            return False  # nn.Conv1d would refuse the mix too: the reference path says so
         return segment_conv_backend(z) != "reference"
 
-    def _next_cache(self, z_utt: Tensor, state: Tensor | None) -> Tensor:
-        """The last k-1 frames of [cache ; utterance pre-conv rows] as (B, D, k-1)."""
+    def _next_cache(self, x: Tensor, z_utt: Tensor, state: Tensor | None) -> Tensor:
+        """The last k-1 frames of [cache ; utterance pre-conv rows] as (B, D, k-1), in the
+        dtype the reference's concatenation gives (a zero cache has x's dtype)."""
         k1, (U, B, D) = self.state_size, z_utt.shape
-        tail = z_utt[max(U - k1, 0) :].permute(1, 2, 0)
+        dtype = torch.promote_types(x.dtype if state is None else state.dtype, z_utt.dtype)
+        tail = z_utt[max(U - k1, 0) :].permute(1, 2, 0).to(dtype)
         if U >= k1:
             return tail
         if state is None:
-            state = z_utt.new_zeros(B, D, k1)
-        return torch.cat([state, tail], dim=2)[:, :, -k1:]
+            state = z_utt.new_zeros(B, D, k1, dtype=dtype)
+        return torch.cat([state.to(dtype), tail], dim=2)[:, :, -k1:]
 
     def forward(
         self, utterance: Tensor, right_context: Tensor, state: Tensor | None
@@ -694,17 +698,20 @@ class ConvolutionModule(nn.Module):
         z = self.pre_conv(x)
         rc = right_context.size(0)
         if self._kernel_conv(z, utterance.size(0)):
+            # under autocast the weights and the cache meet z in its (autocast) dtype, as
+            # nn.Conv1d's autocast casts would have them
+            weight, bias = self.conv.weight.to(z.dtype), self.conv.bias.to(z.dtype)
             y = emformer_segment_conv(
                 z,
-                self.conv.weight,
-                self.conv.bias,
-                state,
+                weight,
+                bias,
+                None if state is None else state.to(z.dtype),
                 utterance_length=utterance.size(0),
                 segment_length=self.segment_length,
                 right_context=self.right_context_length,
             )
             out = self.post_conv(y) + x
-            return out[rc:], out[:rc], self._next_cache(z[rc:], state)
+            return out[rc:], out[:rc], self._next_cache(x, z[rc:], state)
         z_rc, z_utt = z[:rc], z[rc:].permute(1, 2, 0)  # z_utt: (B, D, U)
         if state is None:
             state = torch.zeros(
@@ -932,6 +939,12 @@ class ConvEmformerLayer(_StreamingLayerState, nn.Module):
 
 
 _ACTIVATION_CODES = {nn.ReLU: 0, nn.GELU: 1, nn.SiLU: 2}
+
+
+def _autocast_to(x: Tensor) -> bool:
+    """Whether autocast is on for x's device and x is in its lower-precision dtype."""
+    kind = x.device.type
+    return torch.is_autocast_enabled(kind) and x.dtype == torch.get_autocast_dtype(kind)
 
 
 def _activation_code(module: nn.Module) -> int | None:

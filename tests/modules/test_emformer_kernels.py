@@ -255,3 +255,39 @@ def test_conv_module_runs_the_segment_conv_kernel(monkeypatch):
     assert calls == ["triton"] * (3 * LAYERS)
     model(x, lengths)  # auto mode on CPU: the reference code, not the op
     assert len(calls) == 3 * LAYERS
+
+
+@pytest.mark.parametrize("with_cache", [False, True], ids=["training", "infer"])
+def test_conv_module_under_autocast(with_cache, monkeypatch):
+    """Under autocast (fp16 on the CPU; the interpreter has no bf16) z is fp16 while the conv
+    weights and the state stay fp32: the kernel path casts them as nn.Conv1d's autocast does,
+    and gives the reference path's output, gradients and new cache (dtype included)."""
+    torch.manual_seed(3)
+    conv = sk.ConvolutionModule(D, S, 2, 3)
+    with torch.no_grad():
+        for p in conv.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    U = S if with_cache else 10
+    gen = torch.Generator().manual_seed(5)
+    utt = torch.randn(U, 2, D, generator=gen)
+    rc = torch.randn((1 if with_cache else 3) * 2, 2, D, generator=gen)
+    state = torch.randn(2, D, 2, generator=gen) if with_cache else None
+    calls, original = [], sk.emformer_segment_conv
+    monkeypatch.setattr(
+        sk, "emformer_segment_conv", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
+    results = {}
+    for backend in ("reference", "triton"):
+        model = copy.deepcopy(conv)
+        with backends.use_backend(backend), torch.autocast("cpu", dtype=torch.float16):
+            out_utt, out_rc, cache = model(utt, rc, state)
+            loss = out_utt.float().square().sum() + out_rc.float().square().sum()
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        results[backend] = (out_utt, out_rc, cache, grads)
+    assert calls == [1]  # the triton run took the kernel path
+    ref, got = results["reference"], results["triton"]
+    for a, b in zip(got[:3], ref[:3], strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-3, atol=2e-3)
+    for a, b in zip(got[3], ref[3], strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * float(b.abs().max()))
