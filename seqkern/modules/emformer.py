@@ -254,10 +254,13 @@ class EmformerAttention(nn.Module):
             lc_rows = left_context_key.size(0)
 
         padding_mask = _key_padding_mask(utterance, right_context, summary, lengths, mems, lc_rows)
+        # Under autocast an fp32 state promotes the keys (kept so for the state); upstream's
+        # bmm then casts them to the autocast dtype, as done here
+        cast = _autocast_to(query)
         attention = emformer_ops.emformer_attention(
             query,
-            key,
-            value,
+            key.to(query.dtype) if cast else key,
+            value.to(query.dtype) if cast else value,
             attention_mask,
             padding_mask,
             self.num_heads,
@@ -409,8 +412,10 @@ class EmformerAttention(nn.Module):
             past_length, 0 if k_mem is None else k_mem.size(0), lc_buf, s
         )
         key_lengths = self._key_lengths(lengths, mem_valid + rc + utt_rows + lc_valid)
+        cast = _autocast_to(q_utt)  # an fp32 lc state meets autocast keys (see _attend)
+        lc_k, lc_v = (lc_key.to(q_utt.dtype), lc_val.to(q_utt.dtype)) if cast else (lc_key, lc_val)
         attention = emformer_ops.emformer_segment_attention(
-            q_rc, q_utt, q_sum, k_mem, k_rc, lc_key, k_utt, v_mem, v_rc, lc_val, v_utt,
+            q_rc, q_utt, q_sum, k_mem, k_rc, lc_k, k_utt, v_mem, v_rc, lc_v, v_utt,
             num_heads=self.num_heads,
             segment_length=s,
             right_context=rc,
@@ -852,6 +857,8 @@ class ConvEmformerLayer(_StreamingLayerState, nn.Module):
         if backends.unavailable_reason("cpu") or not hasattr(_ext.C, "conv_emformer_step_cpu"):
             return None
         if torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return None
+        if torch.is_autocast_enabled("cpu"):  # the step has no mixed precision: the ops do
             return None
         if self.training and self.dropout.p > 0:
             return None

@@ -101,6 +101,8 @@ def test_fused_step_is_taken_only_where_it_applies(monkeypatch):
     model.infer(x, lengths)  # autograd through the parameters: the ops
     with torch.no_grad(), use_backend("reference"):
         model.infer(x, lengths)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model.infer(x, lengths)  # autocast: the ops, in its dtypes
     with torch.no_grad():
         model.emformer_layers[0].ffn0.module[2] = torch.nn.GELU(approximate="tanh")
         model.infer(x, lengths)  # layer 0: an activation the step does not have

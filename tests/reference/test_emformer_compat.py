@@ -252,6 +252,16 @@ def test_infer_state_by_state(torchaudio_upstream, conv, kwargs, dtype):
 
 
 @pytest.mark.parametrize("conv, kwargs", CONFIGS[:1] + CONFIGS[4:5])
+def test_infer_under_autocast(torchaudio_upstream, conv, kwargs):
+    """fp32 models streamed under CPU bf16 autocast: upstream's fp32 states promote its keys
+    and its bmm casts them back; seqkern's infer follows (it raised a dtype error before),
+    states and their dtypes included."""
+    ref, ours = _pair(torchaudio_upstream, conv, kwargs, torch.float32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        _compare_infer(ref, ours, kwargs, torch.float32, dict(rtol=2e-2, atol=2e-2))
+
+
+@pytest.mark.parametrize("conv, kwargs", CONFIGS[:1] + CONFIGS[4:5])
 def test_infer_states_interchangeable(torchaudio_upstream, conv, kwargs):
     """seqkern's states feed upstream's infer and vice versa (same layout and meaning)."""
     ref, ours = _pair(torchaudio_upstream, conv, kwargs)
