@@ -98,30 +98,56 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
   return residual.defined() ? y.add_(residual) : y;
 }
 
-// LayerNorm over the last dim of contiguous (rows, D) x: a direct loop (ATen's costs more in
-// dispatch than in arithmetic at ~21 rows); statistics accumulated in double
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define SK_MULTIVERSION \
+  __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+#else
+#define SK_MULTIVERSION
+#endif
+
+// LayerNorm of `rows` rows of D: two passes (mean, then the centred variance), accumulated in
+// double for double and in float for float (as ATen's CPU kernel); the float loops are
+// vectorised (omp simd) and compiled per ISA, picked at load time
+template <typename T, typename Acc>
+inline void layer_norm_impl(const T* x, const T* w, const T* b, T* y, int64_t rows, int64_t D,
+                            double eps) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* xr = x + r * D;
+    T* yr = y + r * D;
+    Acc sum = 0, sq = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t c = 0; c < D; ++c) sum += xr[c];
+    const Acc mean = sum / static_cast<Acc>(D);
+#pragma omp simd reduction(+ : sq)
+    for (int64_t c = 0; c < D; ++c) sq += (xr[c] - mean) * (xr[c] - mean);
+    const Acc rstd = Acc(1) / std::sqrt(sq / static_cast<Acc>(D) + static_cast<Acc>(eps));
+#pragma omp simd
+    for (int64_t c = 0; c < D; ++c) yr[c] = static_cast<T>((xr[c] - mean) * rstd * w[c] + b[c]);
+  }
+}
+
+SK_MULTIVERSION
+void layer_norm_rows_f32(const float* x, const float* w, const float* b, float* y, int64_t rows,
+                         int64_t D, double eps) {
+  layer_norm_impl<float, float>(x, w, b, y, rows, D, eps);
+}
+
+// LayerNorm over the last dim of (rows, D) x: a direct loop (ATen's costs more in dispatch
+// than in arithmetic at ~21 rows)
 at::Tensor layer_norm_rows(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& b,
                            double eps) {
   const auto x = x_in.contiguous();
   auto y = at::empty_like(x);
   const int64_t D = x.size(-1), rows = D ? x.numel() / D : 0;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_emformer_layer_norm", [&] {
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* wp = w.const_data_ptr<scalar_t>();
-    const scalar_t* bp = b.const_data_ptr<scalar_t>();
-    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-    for (int64_t r = 0; r < rows; ++r) {
-      const scalar_t* xr = xp + r * D;
-      double sum = 0, sq = 0;
-      for (int64_t c = 0; c < D; ++c) sum += xr[c];
-      const double mean = sum / D;
-      for (int64_t c = 0; c < D; ++c) sq += (xr[c] - mean) * (xr[c] - mean);
-      const double rstd = 1.0 / std::sqrt(sq / D + eps);
-      for (int64_t c = 0; c < D; ++c) {
-        yp[r * D + c] = static_cast<scalar_t>((xr[c] - mean) * rstd * wp[c] + bp[c]);
-      }
-    }
-  });
+  if (x.scalar_type() == at::kFloat) {
+    layer_norm_rows_f32(x.const_data_ptr<float>(), w.const_data_ptr<float>(),
+                        b.const_data_ptr<float>(), y.mutable_data_ptr<float>(), rows, D, eps);
+    return y;
+  }
+  TORCH_CHECK(x.scalar_type() == at::kDouble, "conv_emformer_step_cpu: float32 or float64");
+  layer_norm_impl<double, double>(x.const_data_ptr<double>(), w.const_data_ptr<double>(),
+                                  b.const_data_ptr<double>(), y.mutable_data_ptr<double>(), rows,
+                                  D, eps);
   return y;
 }
 
@@ -136,34 +162,48 @@ at::Tensor activate_serial(const at::Tensor& x, int64_t kind) {
   return y;
 }
 
-// out (T_out, B, D) = bias + sum_j w[:, j] * in[t + j]  (in (T_out + k - 1, B, D), w (D, k))
-template <typename scalar_t>
-void depthwise_conv(const at::Tensor& in, const at::Tensor& w, const at::Tensor& bias,
-                    at::Tensor& out) {
-  const int64_t t_out = out.size(0), rows = out.size(1), D = out.size(2), k = w.size(1);
-  const scalar_t* x = in.data_ptr<scalar_t>();
-  const scalar_t* wp = w.data_ptr<scalar_t>();
-  const scalar_t* bp = bias.data_ptr<scalar_t>();
-  scalar_t* y = out.data_ptr<scalar_t>();
+// out (T_out, B, D) = bias + sum_j wt[j, :] * in[t + j]  (in (T_out + k - 1, B, D), wt (k, D):
+// the depthwise weight transposed, so the channel loop reads it contiguously)
+template <typename T>
+inline void depthwise_conv_impl(const T* x, const T* wt, const T* bias, T* y, int64_t t_out,
+                                int64_t rows, int64_t D, int64_t k) {
   const int64_t frame = rows * D;
   for (int64_t t = 0; t < t_out; ++t) {
     for (int64_t b = 0; b < rows; ++b) {
-      scalar_t* yo = y + t * frame + b * D;
-      for (int64_t c = 0; c < D; ++c) yo[c] = bp[c];
+      T* yo = y + t * frame + b * D;
+#pragma omp simd
+      for (int64_t c = 0; c < D; ++c) yo[c] = bias[c];
       for (int64_t j = 0; j < k; ++j) {
-        const scalar_t* xi = x + (t + j) * frame + b * D;
-        for (int64_t c = 0; c < D; ++c) yo[c] += wp[c * k + j] * xi[c];
+        const T* xi = x + (t + j) * frame + b * D;
+        const T* wj = wt + j * D;
+#pragma omp simd
+        for (int64_t c = 0; c < D; ++c) yo[c] += wj[c] * xi[c];
       }
     }
   }
 }
 
-at::Tensor conv(const at::Tensor& in, const at::Tensor& w, const at::Tensor& bias) {
-  const int64_t k = w.size(1);
-  auto out = at::empty({in.size(0) - k + 1, in.size(1), in.size(2)}, in.options());
-  AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "conv_emformer_depthwise_conv", [&] {
-    depthwise_conv<scalar_t>(in, w, bias, out);
-  });
+SK_MULTIVERSION
+void depthwise_conv_f32(const float* x, const float* wt, const float* bias, float* y,
+                        int64_t t_out, int64_t rows, int64_t D, int64_t k) {
+  depthwise_conv_impl<float>(x, wt, bias, y, t_out, rows, D, k);
+}
+
+// in (T_out + k - 1, B, D) contiguous, wt (k, D), bias (D) -> (T_out, B, D)
+at::Tensor conv(const at::Tensor& in, const at::Tensor& wt, const at::Tensor& bias) {
+  const int64_t k = wt.size(0), t_out = in.size(0) - k + 1;
+  const int64_t rows = in.size(1), D = in.size(2);
+  auto out = at::empty({t_out, rows, D}, in.options());
+  if (in.scalar_type() == at::kFloat) {
+    depthwise_conv_f32(in.const_data_ptr<float>(), wt.const_data_ptr<float>(),
+                       bias.const_data_ptr<float>(), out.mutable_data_ptr<float>(), t_out, rows,
+                       D, k);
+  } else {
+    TORCH_CHECK(in.scalar_type() == at::kDouble, "conv_emformer_step_cpu: float32 or float64");
+    depthwise_conv_impl<double>(in.const_data_ptr<double>(), wt.const_data_ptr<double>(),
+                                bias.const_data_ptr<double>(), out.mutable_data_ptr<double>(),
+                                t_out, rows, D, k);
+  }
   return out;
 }
 
@@ -287,7 +327,7 @@ std::vector<at::Tensor> conv_emformer_step_cpu(
 
   // convolution module on [rc ; utt]
   const auto z = at::glu(linear(ln(r, 14, eps[2]), W[16], W[17]), -1).view({R + U, B, D});
-  const auto w_conv = W[18].reshape({D, k}).contiguous();
+  const auto w_conv = W[18].reshape({D, k}).t().contiguous();  // (k, D)
   const auto b_conv = W[19].contiguous();
   auto padded = at::empty({k - 1 + U, B, D}, opts);
   padded.narrow(0, 0, k - 1).copy_(cache.permute({2, 0, 1}));
