@@ -38,6 +38,7 @@
 
 #include "linear/skinny_gemm.h"
 #include "sk_checks.h"
+#include "sk_multiversion.h"
 
 namespace seqkern {
 namespace emformer {
@@ -97,13 +98,6 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
   if (alpha != 1.0) y.mul_(alpha);
   return residual.defined() ? y.add_(residual) : y;
 }
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define SK_MULTIVERSION \
-  __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
-#else
-#define SK_MULTIVERSION
-#endif
 
 // LayerNorm of `rows` rows of D: two passes (mean, then the centred variance), accumulated in
 // double for double and in float for float (as ATen's CPU kernel); the float loops are

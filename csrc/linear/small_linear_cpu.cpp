@@ -15,6 +15,7 @@
 #include "linear/skinny_gemm.h"
 #include "linear/small_linear.h"
 #include "sk_checks.h"
+#include "sk_multiversion.h"
 
 namespace seqkern {
 namespace linear {
@@ -22,13 +23,6 @@ namespace linear {
 constexpr int64_t kMaxRows = 8;  // past ~8 rows BLAS is as fast (measured)
 
 namespace {
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define SK_MULTIVERSION \
-  __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
-#else
-#define SK_MULTIVERSION
-#endif
 
 // Dot products of one weight row with R rows of x at once: each weight element is loaded once
 // for R fused multiply-adds, into R independent vector accumulators.
