@@ -55,6 +55,8 @@ def upstream_classes():
 
 
 def build(args):
+    """torchaudio 2.8.0's Emformer or ConvEmformer from the CLI's sizes (dropout 0), seeded
+    without touching the global RNG; in eval mode. Returns (model, its constructor kwargs)."""
     emformer, conv_emformer = upstream_classes()
     cfg = dict(
         input_dim=args.input_dim,
@@ -62,16 +64,18 @@ def build(args):
         ffn_dim=args.ffn,
         num_layers=args.layers,
         segment_length=args.segment,
+        dropout=0.0,
         left_context_length=args.left_context,
         right_context_length=args.right_context,
         max_memory_size=args.memory,
     )
-    torch.manual_seed(0)
-    if args.model == "conv":
-        cfg["kernel_size"] = args.kernel
-        model = conv_emformer(**cfg)
-    else:
-        model = emformer(**cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        if args.model == "conv":
+            cfg["kernel_size"] = args.kernel
+            model = conv_emformer(**cfg)
+        else:
+            model = emformer(**cfg)
     return model.eval(), cfg
 
 

@@ -69,7 +69,7 @@ from seqkern.bench import _commit, _peak_mem_mb, _versions, device_name, slug
 from seqkern.bench.core import _raise_recompile_limit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from emformer_stream import upstream_classes  # noqa: E402
+import emformer_stream  # noqa: E402
 
 FRAME_MS = 40
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -80,25 +80,7 @@ MUST_PASS = ("seqkern", "seqkern_compile")
 
 
 def build(args, device: torch.device, dtype: torch.dtype):
-    emformer, conv_emformer = upstream_classes()
-    cfg = dict(
-        input_dim=args.input_dim,
-        num_heads=args.heads,
-        ffn_dim=args.ffn,
-        num_layers=args.layers,
-        segment_length=args.segment,
-        dropout=0.0,
-        left_context_length=args.left_context,
-        right_context_length=args.right_context,
-        max_memory_size=args.memory,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        if args.model == "conv":
-            cfg["kernel_size"] = args.kernel
-            model = conv_emformer(**cfg)
-        else:
-            model = emformer(**cfg)
+    model, cfg = emformer_stream.build(args)  # the same construction as the streaming benchmark
     return model.to(device=device, dtype=dtype).train(), cfg
 
 
