@@ -20,8 +20,14 @@ Masks, combinable:
                tiles past it (right padding) are skipped in every kernel.
 
 Rows that see no key output 0 and get lse = +inf, so exp(logit - lse) = 0 in the backward.
-The softmax runs in base 2 (scale and additive mask pre-multiplied by log2 e); statistics,
+The softmax runs on the logits in natural units, m and lse included, so that lse = m exactly
+where one key dominates (log l below half an ulp of m) and the backward's exp(logit - lse) is 1
+there, bit for bit (a base-2 lse stored in natural units cannot round-trip). Statistics,
 accumulators and gradients are fp32 in registers; lse is stored in natural-log units, fp32.
+For fp32 inputs (exact_delta_for) the backward also sums delta = sum_j p dp and sum_j p from
+its own p and dp, in one more sweep of the dq kernel, and normalises p by that sum: its row
+gradients then sum to zero as autograd's softmax backward's do, which delta = do . out and the
+rounding of lse break when the softmax saturates (|logits| in the hundreds).
 Tiles are split in two loops: those every query of the tile sees whole (no causal or boundary
 test) and the edge tiles on the diagonal or past S.
 """
@@ -33,8 +39,6 @@ import triton
 import triton.language as tl
 
 MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 @triton.jit
@@ -53,7 +57,7 @@ def _masked_logits(
     MASK_MODE: tl.constexpr,
     MASK_ROW: tl.constexpr,
 ):
-    """s (BLOCK_M, BLOCK_N), base-2 logits, with the mask applied: -inf where hidden."""
+    """s (BLOCK_M, BLOCK_N), logits, with the mask applied: -inf where hidden."""
     in_s = offs_n < S
     if MASK_MODE != 0:
         if MASK_ROW:
@@ -67,7 +71,7 @@ def _masked_logits(
         if MASK_MODE == 1:
             s = tl.where(mv != 0, s, float("-inf"))
         else:
-            s = s + mv.to(tl.float32) * 1.4426950408889634
+            s = s + mv.to(tl.float32)
     if EDGE:
         valid = in_s[None, :] & (offs_m[:, None] >= 0)
         if CAUSAL:
@@ -114,7 +118,7 @@ def _fwd_tiles(
     T,
     S,
     hd,
-    qk_scale,
+    scale,
     EDGE: tl.constexpr,
     CAUSAL: tl.constexpr,
     MASK_MODE: tl.constexpr,
@@ -128,14 +132,14 @@ def _fwd_tiles(
         offs_n = n0 + offs_n0
         mask_nd = (offs_n[:, None] < S) & mask_d[None, :]
         k = tl.load(k_ptr + offs_n[:, None] * s_kt + offs_d[None, :], mask=mask_nd, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         s = _masked_logits(
             s, offs_m, offs_n, T, S, M, m_base, s_mt, s_ms, EDGE, CAUSAL, MASK_MODE, MASK_ROW
         )
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no visible key yet
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_ptr + offs_n[:, None] * s_vt + offs_d[None, :], mask=mask_nd, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
@@ -172,7 +176,7 @@ def _attn_fwd_kernel(
     T,
     S,
     hd,
-    qk_scale,
+    scale,
     CAUSAL: tl.constexpr,
     MASK_MODE: tl.constexpr,
     MASK_ROW: tl.constexpr,
@@ -219,7 +223,7 @@ def _attn_fwd_kernel(
         T,
         S,
         hd,
-        qk_scale,
+        scale,
         False,
         CAUSAL,
         MASK_MODE,
@@ -247,7 +251,7 @@ def _attn_fwd_kernel(
         T,
         S,
         hd,
-        qk_scale,
+        scale,
         True,
         CAUSAL,
         MASK_MODE,
@@ -262,9 +266,7 @@ def _attn_fwd_kernel(
         out.to(O.dtype.element_ty),
         mask=mask_md,
     )
-    lse = tl.where(
-        empty, float("inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453
-    )
+    lse = tl.where(empty, float("inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
     tl.store(LSE + bh.to(tl.int64) * T + offs_m, lse, mask=offs_m < T)
 
 
@@ -315,6 +317,7 @@ def _dkdv_tiles(
     s_dot,
     LSE,
     DELTA,
+    NORM,
     row_base,
     M,
     m_base,
@@ -327,13 +330,14 @@ def _dkdv_tiles(
     T,
     S,
     hd,
-    qk_scale,
+    scale,
     EDGE: tl.constexpr,
     CAUSAL: tl.constexpr,
     MASK_MODE: tl.constexpr,
     MASK_ROW: tl.constexpr,
     BLOCK_M: tl.constexpr,
     PRECISION: tl.constexpr,
+    EXACT_DELTA: tl.constexpr,
 ):
     # Queries past T load as 0 with lse = +inf (p = 0); keys past S are never stored: neither
     # needs a test here, only the causal diagonal and the mask do.
@@ -344,12 +348,14 @@ def _dkdv_tiles(
         mask_m = offs_m < T
         mask_md = mask_m[:, None] & mask_d[None, :]
         q = tl.load(q_ptr + offs_m[:, None] * s_qt + offs_d[None, :], mask=mask_md, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         s = _masked_logits(
             s, offs_m, offs_n, T, S, M, m_base, s_mt, s_ms, EDGE, CAUSAL, MASK_MODE, MASK_ROW
         )
-        lse = tl.load(LSE + row_base + offs_m, mask=mask_m, other=float("inf")) * 1.4426950408889634
-        p = tl.exp2(s - lse[:, None])  # (BLOCK_M, BLOCK_N)
+        lse = tl.load(LSE + row_base + offs_m, mask=mask_m, other=float("inf"))
+        p = tl.exp(s - lse[:, None])  # (BLOCK_M, BLOCK_N)
+        if EXACT_DELTA:  # 1 / sum(p) of each row, from the dq kernel's sweep
+            p = p * tl.load(NORM + row_base + offs_m, mask=mask_m, other=0.0)[:, None]
         do = tl.load(do_ptr + offs_m[:, None] * s_dot + offs_d[None, :], mask=mask_md, other=0.0)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -367,6 +373,7 @@ def _attn_bwd_dkdv_kernel(
     DO,
     LSE,
     DELTA,
+    NORM,
     DK,
     DV,
     M,
@@ -406,6 +413,7 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
+    EXACT_DELTA: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
@@ -439,7 +447,6 @@ def _attn_bwd_dkdv_kernel(
     do_ptr = DO + b * s_dob + h * s_doh
     row_base = bh.to(tl.int64) * T
     m_base = b * s_mb + h * s_mh
-    qk_scale = scale * 1.4426950408889634
     dk, dv = _dkdv_tiles(
         dk,
         dv,
@@ -451,6 +458,7 @@ def _attn_bwd_dkdv_kernel(
         s_dot,
         LSE,
         DELTA,
+        NORM,
         row_base,
         M,
         m_base,
@@ -463,13 +471,14 @@ def _attn_bwd_dkdv_kernel(
         T,
         S,
         hd,
-        qk_scale,
+        scale,
         True,
         CAUSAL,
         MASK_MODE,
         MASK_ROW,
         BLOCK_M,
         PRECISION,
+        EXACT_DELTA,
     )
     dk, dv = _dkdv_tiles(
         dk,
@@ -482,6 +491,7 @@ def _attn_bwd_dkdv_kernel(
         s_dot,
         LSE,
         DELTA,
+        NORM,
         row_base,
         M,
         m_base,
@@ -494,13 +504,14 @@ def _attn_bwd_dkdv_kernel(
         T,
         S,
         hd,
-        qk_scale,
+        scale,
         False,
         CAUSAL,
         MASK_MODE,
         MASK_ROW,
         BLOCK_M,
         PRECISION,
+        EXACT_DELTA,
     )
     tl.store(
         DK + b * s_dkb + h * s_dkh + offs_n[:, None] * s_dkt + offs_d[None, :],
@@ -521,6 +532,7 @@ def _dq_tiles(
     do,
     lse,
     delta,
+    norm,
     k_ptr,
     v_ptr,
     s_kt,
@@ -536,13 +548,15 @@ def _dq_tiles(
     T,
     S,
     hd,
-    qk_scale,
+    scale,
     EDGE: tl.constexpr,
     CAUSAL: tl.constexpr,
     MASK_MODE: tl.constexpr,
     MASK_ROW: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
+    EXACT_DELTA: tl.constexpr,
+    DELTA_PASS: tl.constexpr,
 ):
     offs_n0 = tl.arange(0, BLOCK_N)
     mask_d = offs_d < hd
@@ -551,15 +565,21 @@ def _dq_tiles(
         mask_nd = (offs_n[:, None] < S) & mask_d[None, :]
         k = tl.load(k_ptr + offs_n[:, None] * s_kt + offs_d[None, :], mask=mask_nd, other=0.0)
         v = tl.load(v_ptr + offs_n[:, None] * s_vt + offs_d[None, :], mask=mask_nd, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         s = _masked_logits(
             s, offs_m, offs_n, T, S, M, m_base, s_mt, s_ms, EDGE, CAUSAL, MASK_MODE, MASK_ROW
         )
-        p = tl.exp2(s - lse[:, None])
+        p = tl.exp(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    return dq
+        if DELTA_PASS:  # the sums of p and of p * dp, from the very p and dp the gradients use
+            norm += tl.sum(p, axis=1)
+            delta += tl.sum(p * dp, axis=1)
+        else:
+            if EXACT_DELTA:
+                p = p * norm[:, None]
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    return dq, delta, norm
 
 
 @triton.jit
@@ -570,6 +590,7 @@ def _attn_bwd_dq_kernel(
     DO,
     LSE,
     DELTA,
+    NORM,
     DQ,
     M,
     KEND,
@@ -605,6 +626,7 @@ def _attn_bwd_dq_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
+    EXACT_DELTA: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -623,72 +645,93 @@ def _attn_bwd_dq_kernel(
         other=0.0,
     )
     row_base = bh.to(tl.int64) * T
-    lse = tl.load(LSE + row_base + offs_m, mask=mask_m, other=float("inf")) * 1.4426950408889634
-    delta = tl.load(DELTA + row_base + offs_m, mask=mask_m, other=0.0)
+    lse = tl.load(LSE + row_base + offs_m, mask=mask_m, other=float("inf"))
+    norm = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if EXACT_DELTA:
+        delta = tl.zeros([BLOCK_M], dtype=tl.float32)
+    else:
+        delta = tl.load(DELTA + row_base + offs_m, mask=mask_m, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     k_ptr = K + b * s_kb + h * s_kh
     v_ptr = V + b * s_vb + h * s_vh
     m_base = b * s_mb + h * s_mh
-    qk_scale = scale * 1.4426950408889634
     full, hi = _key_range(pid_m, bh, T, S, KEND, HAS_KEND, CAUSAL, BLOCK_M, BLOCK_N)
-    dq = _dq_tiles(
-        dq,
-        q,
-        do,
-        lse,
-        delta,
-        k_ptr,
-        v_ptr,
-        s_kt,
-        s_vt,
-        M,
-        m_base,
-        s_mt,
-        s_ms,
-        offs_m,
-        offs_d,
-        0,
-        full,
-        T,
-        S,
-        hd,
-        qk_scale,
-        False,
-        CAUSAL,
-        MASK_MODE,
-        MASK_ROW,
-        BLOCK_N,
-        PRECISION,
-    )
-    dq = _dq_tiles(
-        dq,
-        q,
-        do,
-        lse,
-        delta,
-        k_ptr,
-        v_ptr,
-        s_kt,
-        s_vt,
-        M,
-        m_base,
-        s_mt,
-        s_ms,
-        offs_m,
-        offs_d,
-        full,
-        hi,
-        T,
-        S,
-        hd,
-        qk_scale,
-        True,
-        CAUSAL,
-        MASK_MODE,
-        MASK_ROW,
-        BLOCK_N,
-        PRECISION,
-    )
+    # With EXACT_DELTA, a first sweep over the keys sums p and p * dp from this kernel's own p
+    # and dp; the second sweep accumulates dq from p / sum(p) and delta = sum(p dp) / sum(p).
+    # Then the gradient of a row sums to zero to fp32 rounding, as autograd's softmax backward
+    # does, even where |lse| is large (a saturated softmax) and the lse's own rounding, ulp(lse),
+    # would otherwise scale every p of the row and leave a sum(ds) far above the true ds.
+    for stage in tl.static_range(0 if EXACT_DELTA else 1, 2):
+        dq, delta, norm = _dq_tiles(
+            dq,
+            q,
+            do,
+            lse,
+            delta,
+            norm,
+            k_ptr,
+            v_ptr,
+            s_kt,
+            s_vt,
+            M,
+            m_base,
+            s_mt,
+            s_ms,
+            offs_m,
+            offs_d,
+            0,
+            full,
+            T,
+            S,
+            hd,
+            scale,
+            False,
+            CAUSAL,
+            MASK_MODE,
+            MASK_ROW,
+            BLOCK_N,
+            PRECISION,
+            EXACT_DELTA,
+            stage == 0,  # the delta sweep
+        )
+        dq, delta, norm = _dq_tiles(
+            dq,
+            q,
+            do,
+            lse,
+            delta,
+            norm,
+            k_ptr,
+            v_ptr,
+            s_kt,
+            s_vt,
+            M,
+            m_base,
+            s_mt,
+            s_ms,
+            offs_m,
+            offs_d,
+            full,
+            hi,
+            T,
+            S,
+            hd,
+            scale,
+            True,
+            CAUSAL,
+            MASK_MODE,
+            MASK_ROW,
+            BLOCK_N,
+            PRECISION,
+            EXACT_DELTA,
+            stage == 0,  # the delta sweep
+        )
+        if stage == 0:
+            empty = norm == 0.0  # rows that see no key: p = 0
+            norm = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, norm))
+            delta = delta * norm
+            tl.store(DELTA + row_base + offs_m, delta, mask=mask_m)
+            tl.store(NORM + row_base + offs_m, norm, mask=mask_m)
     tl.store(
         DQ + b * s_dqb + h * s_dqh + offs_m[:, None] * s_dqt + offs_d[None, :],
         (dq * scale).to(DQ.dtype.element_ty),
@@ -719,6 +762,12 @@ def bwd_config(hd: int, dtype: torch.dtype, device: torch.device) -> dict:
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d, num_warps=4, num_stages=2)
     warps = 4 if block_d <= 64 else 8
     return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d, num_warps=warps, num_stages=2)
+
+
+def exact_delta_for(dtype: torch.dtype) -> bool:
+    """Whether the backward sums delta_i = sum_j p_ij dp_ij from its own p and dp (one more
+    sweep over the keys, two more dots per tile) instead of delta_i = do_i . out_i."""
+    return dtype == torch.float32
 
 
 def _precision(q: torch.Tensor) -> str:
@@ -777,7 +826,7 @@ def attention_fwd(q, k, v, out, mask, causal: bool, scale: float) -> torch.Tenso
         T,
         S,
         hd,
-        scale * LOG2E,
+        scale,
         CAUSAL=causal,
         MASK_MODE=mode,
         MASK_ROW=row,
@@ -796,20 +845,50 @@ def attention_bwd(do, q, k, v, out, lse, mask, causal: bool, scale: float, dq, d
     mode, row, m, m_strides, key_end = mask_args(mask, B, H, T, S)
     cfg = bwd_config(hd, q.dtype, q.device)
     delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
-    block_d = cfg["BLOCK_D"]
-    _attn_bwd_delta_kernel[(triton.cdiv(T, 64), B * H)](
-        out,
+    exact_delta = exact_delta_for(q.dtype)
+    norm = torch.empty_like(delta) if exact_delta else delta  # 1 / sum_j p_ij per row
+    if not exact_delta:
+        _attn_bwd_delta_kernel[(triton.cdiv(T, 64), B * H)](
+            out,
+            do,
+            delta,
+            *out.stride()[:3],
+            *do.stride()[:3],
+            H,
+            T,
+            hd,
+            BLOCK_M=64,
+            BLOCK_D=cfg["BLOCK_D"],
+        )
+    flags = dict(CAUSAL=causal, MASK_MODE=mode, MASK_ROW=row, HAS_KEND=key_end is not None)
+    # the dq kernel first: with exact_delta it writes the delta the dK/dV kernel reads
+    _attn_bwd_dq_kernel[(triton.cdiv(T, cfg["BLOCK_M"]), B * H)](
+        q,
+        k,
+        v,
         do,
+        lse,
         delta,
-        *out.stride()[:3],
+        norm,
+        dq,
+        m,
+        key_end,
+        *q.stride()[:3],
+        *k.stride()[:3],
+        *v.stride()[:3],
         *do.stride()[:3],
+        *dq.stride()[:3],
+        *m_strides,
         H,
         T,
+        S,
         hd,
-        BLOCK_M=64,
-        BLOCK_D=block_d,
+        scale,
+        PRECISION=_precision(q),
+        EXACT_DELTA=exact_delta,
+        **flags,
+        **cfg,
     )
-    flags = dict(CAUSAL=causal, MASK_MODE=mode, MASK_ROW=row, HAS_KEND=key_end is not None)
     _attn_bwd_dkdv_kernel[(triton.cdiv(S, cfg["BLOCK_N"]), B * H)](
         q,
         k,
@@ -817,6 +896,7 @@ def attention_bwd(do, q, k, v, out, lse, mask, causal: bool, scale: float, dq, d
         do,
         lse,
         delta,
+        norm,
         dk,
         dv,
         m,
@@ -834,31 +914,7 @@ def attention_bwd(do, q, k, v, out, lse, mask, causal: bool, scale: float, dq, d
         hd,
         scale,
         PRECISION=_precision(q),
-        **flags,
-        **cfg,
-    )
-    _attn_bwd_dq_kernel[(triton.cdiv(T, cfg["BLOCK_M"]), B * H)](
-        q,
-        k,
-        v,
-        do,
-        lse,
-        delta,
-        dq,
-        m,
-        key_end,
-        *q.stride()[:3],
-        *k.stride()[:3],
-        *v.stride()[:3],
-        *do.stride()[:3],
-        *dq.stride()[:3],
-        *m_strides,
-        H,
-        T,
-        S,
-        hd,
-        scale,
-        PRECISION=_precision(q),
+        EXACT_DELTA=exact_delta,
         **flags,
         **cfg,
     )

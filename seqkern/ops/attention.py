@@ -45,20 +45,37 @@ def _time_major(B: int, H: int, L: int, hd: int, like: Tensor, dtype=None) -> Te
 # the tests check both stages against autograd through the oracle.
 
 
-def _oracle_logits(q: Tensor, k: Tensor, mask: Tensor | None, causal: bool, scale: float):
-    """(logits (B, H, T, S) in the accumulation dtype, -inf where hidden)."""
+def _oracle_logits(
+    q: Tensor,
+    k: Tensor,
+    mask: Tensor | None,
+    causal: bool,
+    scale: float,
+    rows: slice = slice(None),
+    key_end: int | None = None,
+) -> Tensor:
+    """(logits (B, H, T, S) in the accumulation dtype, -inf where hidden); of the query rows
+    `rows` and the keys [0, key_end) only, when given (causality counts in the whole T x S)."""
     acc = _stats_dtype(q)
-    logits = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale
     T, S = q.shape[-2], k.shape[-2]
-    hidden = torch.zeros((T, S), dtype=torch.bool, device=q.device)
+    r0, r1, _ = rows.indices(T)
+    ke = S if key_end is None else key_end
+    logits = torch.matmul(q[..., r0:r1, :].to(acc), k[..., :ke, :].to(acc).transpose(-1, -2))
+    logits.mul_(scale)
+    hidden = None
     if causal:
-        hidden = torch.ones_like(hidden).tril(diagonal=S - T).logical_not()
+        hidden = torch.ones((r1 - r0, ke), dtype=torch.bool, device=q.device)
+        hidden = hidden.tril(diagonal=S - T + r0).logical_not()
     if mask is not None:
+        if mask.dim() >= 2 and mask.shape[-2] != 1:
+            mask = mask[..., r0:r1, :]
+        if mask.shape[-1] != 1:
+            mask = mask[..., :ke]
         if mask.dtype == torch.bool:
-            hidden = hidden | ~mask
+            hidden = ~mask if hidden is None else hidden | ~mask
         else:
             logits = logits + mask.to(acc)
-    return logits.masked_fill(hidden, -math.inf)
+    return logits if hidden is None else logits.masked_fill_(hidden, -math.inf)
 
 
 def _reference_fwd(q, k, v, mask, causal, scale):
@@ -69,18 +86,40 @@ def _reference_fwd(q, k, v, mask, causal, scale):
     return out, torch.where(torch.isneginf(lse), math.inf, lse)
 
 
-def _reference_bwd(dout, q, k, v, out, lse, mask, causal, scale, dq=None, dk=None, dv=None):
+def _reference_bwd(
+    dout, q, k, v, out, lse, mask, causal, scale, dq=None, dk=None, dv=None, block_rows=None
+):
+    """Autograd's softmax backward, written out; `block_rows` query rows at a time (all by
+    default), so the (rows, S) probabilities of one block are all it holds.
+
+    p is recomputed as autograd's softmax saved it, normalised by its own row sum, and delta as
+    sum_j p_ij dp_ij from those p and dp: exp(logits - lse) would scale each row by the
+    rounding of lse, ulp(|lse|), and delta = do . out carries the rounding of out; in a
+    saturated softmax (|logits| in the hundreds) either leaves sum_j ds_ij, which is 0, far
+    above the true ds. lse is not read.
+    """
     acc = _stats_dtype(q)
-    p = torch.exp(_oracle_logits(q, k, mask, causal, scale) - lse.unsqueeze(-1))
-    do = dout.to(acc)
-    grad_v = torch.matmul(p.transpose(-1, -2), do)
-    dp = torch.matmul(do, v.to(acc).transpose(-1, -2))
-    ds = p * (dp - (p * dp).sum(dim=-1, keepdim=True))
-    grad_q = torch.matmul(ds, k.to(acc)) * scale
-    grad_k = torch.matmul(ds.transpose(-1, -2), q.to(acc)) * scale
+    T, S = q.shape[2], k.shape[2]
     dq, dk, dv = _grad_buffers(q, k, dq, dk, dv)
-    for g, value in zip((dq, dk, dv), (grad_q, grad_k, grad_v)):
-        g.copy_(value)
+    ka, va = k.to(acc), v.to(acc)
+    grad_k = ka.new_zeros(ka.shape)
+    grad_v = va.new_zeros(va.shape)
+    step = max(1, T if block_rows is None else block_rows)
+    for r0 in range(0, T, step):
+        rows = slice(r0, min(T, r0 + step))
+        ke = min(S, max(0, rows.stop + S - T)) if causal else S  # keys past ke are hidden
+        logits = _oracle_logits(q, k, mask, causal, scale, rows, ke)
+        p = torch.softmax(logits, dim=-1)
+        if mask is not None or causal:  # rows that see no key give 0 (softmax gave NaN)
+            p.masked_fill_(torch.isneginf(logits).all(dim=-1, keepdim=True), 0.0)
+        do = dout[..., rows, :].to(acc)
+        dp = torch.matmul(do, va[..., :ke, :].transpose(-1, -2))
+        ds = torch._softmax_backward_data(dp, p, -1, acc)  # p * (dp - sum_j p dp), fused
+        dq[..., rows, :].copy_(torch.matmul(ds, ka[..., :ke, :]).mul_(scale))
+        grad_k[..., :ke, :].add_(torch.matmul(ds.transpose(-1, -2), q[..., rows, :].to(acc)))
+        grad_v[..., :ke, :].add_(torch.matmul(p.transpose(-1, -2), do))
+    dk.copy_(grad_k.mul_(scale))
+    dv.copy_(grad_v)
     return dq, dk, dv
 
 
@@ -206,15 +245,13 @@ def _cpu_fwd(q, k, v, mask, causal, scale):
 
 
 def _cpu_bwd(dout, q, k, v, out, lse, mask, causal, scale, dq=None, dk=None, dv=None):
-    dout, q, k, v = _unit_last(dout), _unit_last(q), _unit_last(k), _unit_last(v)
-    additive, is_causal, _ = _cpu_mask(q, k, mask, causal)
-    grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        dout, q, k, v, out, lse, 0.0, is_causal, attn_mask=additive, scale=scale
-    )
-    dq, dk, dv = _grad_buffers(q, k, dq, dk, dv)
-    for g, value in zip((dq, dk, dv), grads):
-        g.copy_(value)
-    return dq, dk, dv
+    # Not ATen's flash backward: its delta = do . out and p = exp(logits - lse) leave gradients
+    # of a saturated softmax several times less accurate than autograd's (measured in
+    # tests/ops/test_attention.py::test_saturated_softmax). The reference's exact softmax
+    # backward, in blocks of query rows that hold about 256K probabilities (1 MB in fp32) at a time.
+    B, H, _, _ = q.shape
+    block = max(1, (1 << 22) // max(1, B * H * k.shape[2]))
+    return _reference_bwd(dout, q, k, v, out, lse, mask, causal, scale, dq, dk, dv, block)
 
 
 backends.register(

@@ -154,7 +154,7 @@ def _attention_variants():
         ("fp32", torch.float32, "ieee", 128),
     ):
         types = {n: f"*{dt}" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
-        types.update(LSE="*fp32", DELTA="*fp32", KEND="*i32", qk_scale="fp32", scale="fp32")
+        types.update(LSE="*fp32", DELTA="*fp32", NORM="*fp32", KEND="*i32", scale="fp32")
         device = torch.device("cuda")
         for causal, mode, row, kend in forms:
             types["M"] = "*u8" if mode == A.MASK_BOOL else f"*{dt}"
@@ -171,6 +171,8 @@ def _attention_variants():
                 ("bwd_dq", A._attn_bwd_dq_kernel, A.bwd_config(hd, dtype, device)),
             ):
                 const = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
+                if name != "fwd":  # fp32 sums delta from its own p and dp (exact_delta_for)
+                    const["EXACT_DELTA"] = A.exact_delta_for(dtype)
                 yield (f"attention_{name}-{tag}", kernel, types, dict(const, **flags))
         delta = {"BLOCK_M": 64, "BLOCK_D": max(16, hd)}
         yield (f"attention_bwd_delta-{dt}-hd{hd}", A._attn_bwd_delta_kernel, types, delta)

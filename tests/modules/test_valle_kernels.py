@@ -18,10 +18,24 @@ KERNELS = ("triton", "cpu")
 
 
 def _decoder(n_state=64, n_head=2, n_layer=2, causal=False, seed=0, device="cpu"):
+    """A random decoder, every weight perturbed, AdaLN's gamma maps started from the identity.
+
+    Upstream's AdaLN init (an all-ones D x D matrix: gamma = sum_d e_d, one value on every
+    channel) is degenerate, and perturbing it alone keeps |gamma| ~ sqrt(D): at D = 64 the
+    logits reach 400-950 and the softmax saturates, where the network amplifies each op's fp32
+    rounding chaotically. There, two equally accurate fp32 implementations differ from the
+    float64 oracle by factors that vary at random: an AdaLN with the reference's own op-level
+    error failed the 2x rule on 6 of 12 seeds (the CPU model decides which; see CHANGELOG).
+    From the identity, gamma is the level embedding plus noise and the logits stay below ~20;
+    the saturated softmax is tested op by op, on identical inputs, in
+    tests/ops/test_attention.py::test_saturated_softmax_matches_oracle.
+    """
     torch.manual_seed(seed)
     dec = ValleNARDecoder(5, 64, n_state, n_head, n_layer, causal=causal)
-    with torch.no_grad():  # AdaLN's all-ones init is degenerate: make every weight count
-        for p in dec.parameters():
+    with torch.no_grad():
+        for name, p in dec.named_parameters():
+            if name.endswith("ln.weight.weight"):  # every AdaLN's gamma map
+                p.copy_(torch.eye(n_state))
             p.add_(0.1 * torch.randn_like(p))
     return dec.to(device)
 
