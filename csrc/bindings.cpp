@@ -1,6 +1,9 @@
 // seqkern._C: the C++ CPU ops (always) and the CUDA ops (CUDA builds), plus build metadata.
 #include <torch/extension.h>
 
+#include "linear/skinny_gemm.h"
+#include "sk_multiversion.h"
+
 #ifndef SEQKERN_TORCH_VERSION
 #define SEQKERN_TORCH_VERSION "unknown"
 #endif
@@ -41,6 +44,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   info["with_cuda"] = false;
 #endif
   m.attr("build_info") = info;
+  // Which CPU code the C++ ops run on this machine (seqkern info prints it).
+  m.def("cpu_dispatch", [] {
+    pybind11::dict d;
+    d["multiversion_clone"] = seqkern::multiversion_clone();
+    d["skinny_gemm"] = seqkern::linear::skinny_gemm_f32_available() ? "avx512f" : "blas";
+    return d;
+  });
   seqkern::adaln::bind(m);
   seqkern::ema::bind(m);
   seqkern::emformer::bind(m);
