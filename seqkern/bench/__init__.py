@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import platform
 import re
 import subprocess
 import sys
@@ -29,7 +28,7 @@ import torch
 from torch import Tensor
 
 import seqkern
-from seqkern import backends
+from seqkern import _ext, backends
 from seqkern.bench import adaln as _adaln_spec
 from seqkern.bench import emformer as _emformer_spec
 from seqkern.bench import emformer_conv as _emformer_conv_spec
@@ -300,17 +299,23 @@ def run(
 
 
 def device_name(device: torch.device) -> str:
+    """The GPU's name, or "CPU <model>" with the model's marketing marks dropped."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU {name}"
+    from seqkern.info import cpu_model
+
+    return f"CPU {clean_cpu_model(cpu_model())}"
+
+
+def clean_cpu_model(name: str) -> str:
+    """'Intel(R) Xeon(R) Platinum 8480+ CPU @ 2.0GHz' -> 'Intel Xeon Platinum 8480+',
+    'Intel(R) Xeon(R) Processor' -> 'Intel Xeon', 'AMD EPYC 9354 32-Core Processor' ->
+    'AMD EPYC 9354': the result folders read as the machine, on either vendor."""
+    name = re.sub(r"\((R|TM|tm|r)\)", " ", name)
+    name = re.sub(r"@.*$", " ", name)
+    name = re.sub(r"\b(\d+-Core\s+)?Processor\b", " ", name)
+    name = re.sub(r"\bCPU\b", " ", name)
+    return " ".join(name.split()) or "unknown"
 
 
 def slug(text: str) -> str:
@@ -452,7 +457,18 @@ def _versions() -> dict:
         "triton": triton_version,
         "cuda": torch.version.cuda,
         "seqkern": seqkern.__version__,
+        "cpu": _cpu_record(),
     }
+
+
+def _cpu_record() -> dict:
+    """The CPU the numbers came from: its model, ISA features and the code seqkern picked."""
+    from seqkern.info import cpu_features, cpu_model
+
+    record = {"model": cpu_model(), "isa": cpu_features()}
+    if _ext.C is not None:
+        record["dispatch"] = dict(_ext.C.cpu_dispatch())
+    return record
 
 
 def main(argv: list[str] | None = None) -> int:

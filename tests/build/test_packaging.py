@@ -2,6 +2,7 @@
 
 import ast
 import json
+import platform
 import subprocess
 import sys
 import textwrap
@@ -171,6 +172,60 @@ def test_info_cli(tmp_path):
     out = proc.stdout
     for word in ("seqkern", "torch", "seqkern._C", "GPU", "adaln", "reference"):
         assert word in out, f"{word!r} missing from seqkern info:\n{out}"
+    for word in (
+        "CPU ISA:",
+        "AVX-512F",
+        "AVX512-BF16",
+        "AVX512-VNNI",
+        "AMX-BF16",
+        "CPU code per op",
+    ):
+        assert word in out, f"{word!r} missing from seqkern info:\n{out}"
+
+
+def _cpuinfo_flags() -> set[str] | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+def test_cpu_dispatch_follows_the_isa_not_the_vendor():
+    """The multiversioned loops run the clone of the CPU's ISA level (an AMD EPYC with AVX-512
+    runs the x86-64-v4 clone, as an Intel Xeon does), and the skinny GEMM runs where AVX-512F
+    is: what `seqkern info` prints is what the resolver picks."""
+    from seqkern import _ext
+
+    flags = _cpuinfo_flags()
+    if flags is None or platform.machine() != "x86_64":
+        pytest.skip("needs /proc/cpuinfo on x86-64")
+    if _ext.C is None:
+        pytest.fail(f"seqkern._C did not load: {_ext.C_ERROR}")
+    dispatch = _ext.C.cpu_dispatch()
+    v3 = {"avx2", "fma", "bmi1", "bmi2", "movbe"} <= flags
+    v4 = v3 and {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"} <= flags
+    assert dispatch["multiversion_clone"] == (
+        "x86-64-v4" if v4 else "x86-64-v3" if v3 else "default"
+    )
+    assert dispatch["skinny_gemm"] == ("avx512f" if "avx512f" in flags else "blas")
+
+
+@pytest.mark.parametrize(
+    "raw,folder",
+    [
+        ("Intel(R) Xeon(R) Processor", "cpu-intel-xeon"),
+        ("Intel(R) Xeon(R) Platinum 8480+ CPU @ 2.00GHz", "cpu-intel-xeon-platinum-8480"),
+        ("AMD EPYC", "cpu-amd-epyc"),
+        ("AMD EPYC 9354 32-Core Processor", "cpu-amd-epyc-9354"),
+    ],
+)
+def test_result_folder_names_read_as_the_machine(raw, folder):
+    from seqkern.bench import clean_cpu_model, slug
+
+    assert slug(f"CPU {clean_cpu_model(raw)}") == folder
 
 
 @pytest.mark.slow
