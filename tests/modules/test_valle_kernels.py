@@ -17,7 +17,7 @@ from seqkern.testing import assert_close_to_oracle
 KERNELS = ("triton", "cpu")
 
 
-def _decoder(n_state=64, n_head=2, n_layer=2, causal=False, seed=0, device="cpu"):
+def _decoder(n_state=64, n_head=2, n_layer=2, causal=False, seed=0, device="cpu", n_ctx=64):
     """A random decoder, every weight perturbed, AdaLN's gamma maps started from the identity.
 
     Upstream's AdaLN init (an all-ones D x D matrix: gamma = sum_d e_d, one value on every
@@ -31,7 +31,7 @@ def _decoder(n_state=64, n_head=2, n_layer=2, causal=False, seed=0, device="cpu"
     tests/ops/test_attention.py::test_saturated_softmax_matches_oracle.
     """
     torch.manual_seed(seed)
-    dec = ValleNARDecoder(5, 64, n_state, n_head, n_layer, causal=causal)
+    dec = ValleNARDecoder(5, n_ctx, n_state, n_head, n_layer, causal=causal)
     with torch.no_grad():
         for name, p in dec.named_parameters():
             if name.endswith("ln.weight.weight"):  # every AdaLN's gamma map
@@ -77,6 +77,27 @@ def test_decoder_on_kernels_matches_float64_oracle(B, T, causal, mask, per_frame
     oracle, oracle_grads = _run(dec64, x.double(), level, m, ("reference",), dy.double())
     ref, ref_grads = _run(dec, x, level, m, ("reference",), dy)
     assert got.dtype == dtype
+    assert_close_to_oracle(got, oracle, ref, name="y")
+    for name in got_grads:
+        assert_close_to_oracle(got_grads[name], oracle_grads[name], ref_grads[name], name=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_decoder_on_cpu_kernels_long_reductions(dtype):
+    """What auto mode runs on a CPU (AdaLN's C++ kernel, the cpu attention backend) with
+    B * T = 4120 rows: every parameter gradient sums 4120 rows, each per-batch gamma's 1030."""
+    B, T = 4, 1030
+    dec = _decoder(seed=2, n_ctx=T).to(dtype)
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(B, T, 64, generator=gen).to(dtype)
+    level = torch.randint(0, 5, (B,), generator=gen)
+    m = _ragged_mask(B, T)
+    dy = torch.randn(B, T, 64, generator=gen).to(dtype)
+    got, got_grads = _run(dec, x, level, m, ("cpu",), dy)
+    oracle, oracle_grads = _run(
+        copy.deepcopy(dec).double(), x.double(), level, m, ("reference",), dy.double()
+    )
+    ref, ref_grads = _run(dec, x, level, m, ("reference",), dy)
     assert_close_to_oracle(got, oracle, ref, name="y")
     for name in got_grads:
         assert_close_to_oracle(got_grads[name], oracle_grads[name], ref_grads[name], name=name)

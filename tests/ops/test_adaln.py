@@ -20,6 +20,10 @@ CPU_SHAPES = [
     (1, 70, 300, False),
     (2, 9, 1030, True),
     (1, 4000, 8, False),  # a long sequence: the per-batch dgamma sums 4000 rows
+    # long reductions, past 4096, so an accumulation-order weakness shows on any CPU:
+    (1, 4100, 16, False),  # dgamma and dbeta sum 4100 rows (strided x)
+    (1, 3, 4100, True),  # mean, variance and the two row sums of dx over D = 4100
+    (2, 2, 8192, False),  # over D = 8192, the Triton kernel's widest tile
 ]
 # The cuda tier: real speech sizes (VALL-E NAR: D = 1024, ~1000 codec frames), plus odd ones.
 CUDA_SHAPES = [

@@ -184,6 +184,28 @@ def _check_backend(backend, device, dtype, case, amp=1.0):
         assert_close_to_oracle(g, og, rg, name=f"d{name}")
 
 
+# Long reductions, past 4096 query rows: dk and dv sum over every query that sees a key.
+LONG_CASES = [
+    Case(1, 1, 4100, 40, 32, False, "pad"),  # few keys: a small grid, 4100-row dk/dv sums
+    Case(1, 1, 4100, 4100, 32, True, None, "packed"),  # a long causal self-attention
+]
+
+
+@pytest.mark.parametrize(
+    "backend,dtype,case",
+    [
+        pytest.param("triton", torch.float32, LONG_CASES[0], id="triton-float32-few-keys"),
+        *(
+            pytest.param("cpu", dt, case, id=f"cpu-{str(dt)[6:]}-{case}")
+            for case in LONG_CASES
+            for dt in (torch.float32, torch.bfloat16)
+        ),
+    ],
+)
+def test_long_reductions_match_oracle(backend, dtype, case):
+    _check_backend(backend, "cpu", dtype, case)
+
+
 # q and k 12x larger: logits in the hundreds, most rows dominated by one key. There the
 # gradients of a row nearly cancel (sum_j ds_ij = 0), and autograd's softmax backward keeps that
 # cancellation exact in fp32; a backward that rescales each row by the rounding of lse

@@ -39,6 +39,10 @@ CPU_CASES = [
     (2, 25, 6, 2, 13, 4, True, True, True),  # truncation > chunk, not a multiple
     (2, 300, 70, 4, None, 0, True, True, True),  # auto; D past one CPU channel block (64)
     (1, 600, 20, 2, 250, 0, True, True, False),  # auto cuts time (few tiles), truncation
+    # long reductions, past 4096: the state carried over L, the parameter gradients summed
+    # over B * L (ddamping, ddecay, dexpansion, dprojection, domega)
+    (2, 4100, 16, 2, None, 0, True, True, True),
+    (1, 4500, 8, 3, 1000, 0, False, True, False),
 ]
 # The cuda tier: speech-sized shapes (MEGA decoder D = 512..1024, h = 4..16) plus odd ones.
 CUDA_CASES = [
