@@ -248,7 +248,7 @@ def _cpu_bwd(dout, q, k, v, out, lse, mask, causal, scale, dq=None, dk=None, dv=
     # Not ATen's flash backward: its delta = do . out and p = exp(logits - lse) leave gradients
     # of a saturated softmax several times less accurate than autograd's (measured in
     # tests/ops/test_attention.py::test_saturated_softmax). The reference's exact softmax
-    # backward, in blocks of query rows that hold about 256K probabilities (1 MB in fp32) at a time.
+    # backward, in blocks of query rows that hold about 4M probabilities at a time.
     B, H, _, _ = q.shape
     block = max(1, (1 << 22) // max(1, B * H * k.shape[2]))
     return _reference_bwd(dout, q, k, v, out, lse, mask, causal, scale, dq, dk, dv, block)

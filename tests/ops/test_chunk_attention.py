@@ -58,6 +58,12 @@ CPU_CASES = [
     Case(2, 9, 23, 8, 50, -1, True, "rel", "row"),  # Lq < Lk, bottom-right causal
     Case(2, 12, 5, 8, 20, -1, True, "rel"),  # Lq > Lk causal: the first queries see nothing
     Case(2, 19, 19, 64, 1024, -1, False, "rel", "ragged", fp32=True),  # V = 1024 once
+    # long reductions (B * T >= 4096), fp32 only (each ~13 s in the interpreter): the per-offset
+    # bias gradient sums dS over all 256 chunks and their diagonals (16 x 16 x 16 = 4096 terms on
+    # the main diagonal: per-program tile sums, then 256 workspace rows)
+    Case(16, 256, 256, 16, 16, 16, True, "rel", fp32=True),
+    # dK and dV sum over Lq = 4096 queries per key (one program per key tile, 256 query tiles)
+    Case(1, 4096, 16, 16, 16, -1, False, "rel", fp32=True),
 ]
 CUDA_CASES = [
     Case(8, 256, 256, 128, 1024, 64, True, "rel", "chunk"),

@@ -72,6 +72,13 @@ CASES = [
     Case("infer", 2, 36, 4, 4, 2, 4, layout="strided"),  # one segment: U = s, R rows, a cache
     Case("extra_blocks", 1, 16, 4, 2, 2, 5, n=4, bias=False),  # blocks past ceil(U/s) end at U
     Case("s_gt_U", 2, 16, 3, 8, 2, 5, cache=False, layout="bmajor"),  # one short segment
+    # Long reductions: dweight and dbias are sums over every (batch element, row) pair, B * T
+    # terms (well past 4096 in real training), which the cases above keep under ~300. These
+    # make them > 4096 with one channel tile (D = 16) so the interpreter stays quick: a long
+    # utterance with a cache (dweight over 4 * (32 rc + 3 cache + 1000 frames) inputs) ...
+    Case("long_dw_utt", 4, 16, 4, 64, 2, 1000, layout="strided"),  # B * T = 4128
+    # ... and many short training utterances (dbias over 16 * 270 outputs)
+    Case("long_dw_batch", 16, 16, 3, 16, 2, 240, cache=False, layout="bmajor"),  # B * T = 4320
 ]
 
 

@@ -63,6 +63,12 @@ CASES = [
     Case("infer", 2, 2, 16, 4, 4, 0, 5, 2, [4, 0], Mr=2, LCr=5, past=0, name="none_valid"),
     Case("infer", 2, 2, 24, 6, 6, 1, 5, 3, [5, 3], "bmajor", Mr=3, LCr=5, past=40, name="full"),
     Case("infer", 1, 2, 16, 4, 4, 1, 0, 0, Mr=0, LCr=0, name="empty_state"),
+    # A long reduction: dK/dV of a key sum over every query that sees it, at most ~60 above.
+    # Memory row r is seen by the R + s rc and utterance rows of segments r+1 .. r+M, so with
+    # M = 36 and R + s = 47, k_mem/v_mem row 0 sums 36 * 47 = 1692 queries (16-row tiles: 36
+    # segments x 3 query tiles, accumulated one after the other). 4096 would take ~30 s per
+    # dtype in the interpreter (the other streams' work grows with it); this takes ~10 s.
+    Case("train", 1, 1, 16, 1628, 44, 3, 0, 36, name="long_dkdv_mem"),
 ]
 
 

@@ -20,6 +20,14 @@ CPU_CASES = [
     (1, 2, 9, 23, 16, "rel", False, False, True),  # S != T (cross / cached keys)
     (2, 2, 19, 19, 16, "none", False, True, False),
     (3, 2, 33, 33, 64, "rel", True, False, True),
+    # long reductions (B * T >= 4096), tiny tiles so that the interpreter stays quick:
+    # d rel_bias of each offset sums gate * dS over every batch row and its diagonal (the kernel
+    # adds them one by one by atomics): 256 rows x 16 = 4096 terms on the main diagonal
+    (256, 1, 16, 16, 16, "rel", True, True, False),
+    # dgate and dq sum over S = 4096 keys per query row (256 key tiles, one program)
+    (1, 1, 16, 4096, 16, "rel", True, True, True),
+    # dK and dV sum over T = 4096 queries per key (256 query tiles, one program per key tile)
+    (1, 1, 4096, 16, 16, "dense", True, False, False),
 ]
 CUDA_CASES = [
     (2, 12, 500, 500, 64, "rel", True, False, True),

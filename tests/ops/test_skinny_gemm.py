@@ -43,6 +43,11 @@ def _oracle(x, w, b, act, r, alpha):
         (21, 256, 1024),  # a ConvEmformer segment at input_dim 256: split across threads
         (21, 1024, 256),
         (64, 72, 130),
+        # Long reductions: each output is a dot product over K, 16 lanes of K / 16 sequential
+        # fmas folded once; at an FFN's width K >= 4096 (the cases above stop at 1024)
+        pytest.param(21, 4096, 256, id="long_k-21-4096-256"),  # FFN out-projection, a segment
+        pytest.param(5, 4105, 9, id="long_k-5-4105-9"),  # K tail 9, ragged weight block
+        pytest.param(1, 16384, 6, id="long_k-1-16384-6"),  # one row, 1024 fmas a lane
     ],
 )
 @pytest.mark.parametrize("act", [0, 1, 2, 3])
