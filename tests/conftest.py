@@ -23,6 +23,21 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def pytest_report_header(config):
+    # Accuracy must not depend on the CPU, so every run says which one it ran on.
+    from seqkern import _ext
+
+    info = importlib.import_module("seqkern.info")  # the module; seqkern.info is a function
+
+    features = info.cpu_features() or {}
+    isa = " ".join(label for label, on in features.items() if on) or "unknown"
+    clone = _ext.C.cpu_dispatch()["multiversion_clone"] if _ext.C is not None else "no _C"
+    return [
+        f"CPU: {info.cpu_model()}, {os.cpu_count()} logical cores",
+        f"CPU ISA: {isa}; seqkern C++ clone: {clone}",
+    ]
+
+
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return
