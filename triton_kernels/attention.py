@@ -306,6 +306,13 @@ def _attn_bwd_delta_kernel(
 
 
 @triton.jit
+def _logit_grad(p, dp, delta, s):
+    """dS = P (dP - delta); 0 where the logit is hidden (-inf), also in a NaN row, as autograd
+    through the oracle's masked_fill gives."""
+    return tl.where(s == float("-inf"), 0.0, p * (dp - delta[:, None]))
+
+
+@triton.jit
 def _dkdv_tiles(
     dk,
     dv,
@@ -360,7 +367,7 @@ def _dkdv_tiles(
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         delta = tl.load(DELTA + row_base + offs_m, mask=mask_m, other=0.0)
-        ds = p * (dp - delta[:, None])
+        ds = _logit_grad(p, dp, delta, s)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
     return dk, dv
 
@@ -577,7 +584,7 @@ def _dq_tiles(
         else:
             if EXACT_DELTA:
                 p = p * norm[:, None]
-            ds = p * (dp - delta[:, None])
+            ds = _logit_grad(p, dp, delta, s)
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     return dq, delta, norm
 

@@ -115,6 +115,8 @@ def _reference_bwd(
         do = dout[..., rows, :].to(acc)
         dp = torch.matmul(do, va[..., :ke, :].transpose(-1, -2))
         ds = torch._softmax_backward_data(dp, p, -1, acc)  # p * (dp - sum_j p dp), fused
+        if mask is not None or causal:  # hidden logits pass no gradient, even from a NaN row
+            ds.masked_fill_(torch.isneginf(logits), 0.0)
         dq[..., rows, :].copy_(torch.matmul(ds, ka[..., :ke, :]).mul_(scale))
         grad_k[..., :ke, :].add_(torch.matmul(ds.transpose(-1, -2), q[..., rows, :].to(acc)))
         grad_v[..., :ke, :].add_(torch.matmul(p.transpose(-1, -2), do))
@@ -215,15 +217,18 @@ def _cpu_mask(q: Tensor, k: Tensor, mask: Tensor | None, causal: bool):
     if causal and T != S:  # ATen's causal is top-left aligned: spell out bottom-right
         keep = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
         causal = False
+    if mask is not None and mask.dim() < 4:  # ATen takes 2-D or 4-D masks; broadcasting
+        mask = mask[(None,) * (4 - mask.dim())]  # aligns the dims on the right
     additive = None
     if mask is not None and mask.dtype == torch.bool:
         keep = mask if keep is None else keep & mask
     elif mask is not None:
         additive = mask
     if keep is not None:
-        hidden = torch.zeros(keep.shape, dtype=q.dtype, device=q.device)
-        hidden.masked_fill_(~keep, -math.inf)
-        additive = hidden if additive is None else additive + hidden
+        if additive is None:
+            additive = torch.zeros(keep.shape, dtype=q.dtype, device=q.device)
+        # where, not +: a NaN of the additive mask on a hidden key stays hidden, as in the oracle
+        additive = torch.where(keep, additive, -math.inf)
     dead = None if additive is None else torch.isneginf(additive).all(dim=-1)
     return additive, causal, dead
 
@@ -238,9 +243,19 @@ def _cpu_fwd(q, k, v, mask, causal, scale):
     B, H, T, hd = q.shape
     result = _time_major(B, H, T, hd, q)
     result.copy_(out)
-    lse = lse.to(_stats_dtype(q))
+    lse = lse.to(_stats_dtype(q)).contiguous()  # ATen's is a (B, T, H) transpose; the fake's is not
     if dead is not None:  # broadcastable to (B, H, T)
-        lse = lse.masked_fill(dead, math.inf)
+        lse.masked_fill_(dead.expand(B, H, T), math.inf)
+    # ATen's running max skips NaN, so a row whose every visible logit is NaN (a NaN in q) comes
+    # back as if it saw no key: out 0, lse 0. Such rows (and the rare true row with lse 0 and
+    # out 0) are recomputed by the reference, which keeps the NaN visible.
+    suspect = (lse == 0) & result.eq(0).all(dim=-1)
+    if dead is not None:
+        suspect &= ~dead
+    if bool(suspect.any()):
+        want, want_lse = _reference_fwd(q, k, v, mask, causal, scale)
+        result[suspect] = want[suspect]
+        lse = torch.where(suspect, want_lse, lse)
     return result, lse
 
 
@@ -265,7 +280,16 @@ backends.register(backends.Kernel(OP, "cpu", _cpu_fwd, _cpu_bwd, _cpu_supports))
 # torch.library ops and autograd
 
 
+def _empty(q: Tensor, k: Tensor) -> bool:
+    """No query or no key (or no batch / head): nothing for a kernel to do (ATen's CPU kernel
+    dies of SIGFPE on T == 0 or S == 0). Every row sees no key: out 0, lse +inf, grads 0."""
+    return q.numel() == 0 or k.shape[2] == 0
+
+
 def _fwd_impl(q, k, v, mask, causal, scale):
+    if _empty(q, k):
+        out, lse = _fwd_fake(q, k, v, mask, causal, scale)
+        return out.zero_(), lse.fill_(math.inf)
     return tuple(backends.select(OP, q, k, v, mask).fwd(q, k, v, mask, causal, scale))
 
 
@@ -275,6 +299,8 @@ def _fwd_fake(q, k, v, mask, causal, scale):
 
 
 def _bwd_impl(dout, q, k, v, out, lse, mask, causal, scale):
+    if _empty(q, k):
+        return tuple(g.zero_() for g in _bwd_fake(dout, q, k, v, out, lse, mask, causal, scale))
     kernel = backends.select(OP, q, k, v, mask)
     return tuple(kernel.bwd(dout, q, k, v, out, lse, mask, causal, scale))
 
@@ -315,6 +341,8 @@ def _split_packed(qkv: Tensor, n_head: int) -> tuple[Tensor, Tensor, Tensor]:
 def _bwd_packed_impl(dout, qkv, out, lse, mask, causal, scale, n_head):
     q, k, v = _split_packed(qkv, n_head)
     dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
+    if _empty(q, k):
+        return dqkv.zero_()
     dq, dk, dv = _split_packed(dqkv, n_head)
     kernel = backends.select(OP, q, k, v, mask)
     kernel.bwd(dout, q, k, v, out, lse, mask, causal, scale, dq, dk, dv)
@@ -393,6 +421,8 @@ def _check(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> None:
         )
     if q.shape[-1] != k.shape[-1]:
         raise ValueError("attention: q and k must have the same head dim")
+    if q.shape[-1] == 0:
+        raise ValueError("attention: head dim must be at least 1, got 0")
     if v.shape[-1] != q.shape[-1]:
         raise ValueError("attention: v must have q's head dim")
     if mask is None:
@@ -471,6 +501,8 @@ def attention_packed(
     """
     if not isinstance(qkv, Tensor) or qkv.dim() != 3:
         raise ValueError(f"attention_packed: qkv must be a (B, T, 3 * D) tensor, got {qkv!r:.60}")
+    if isinstance(n_head, bool) or not isinstance(n_head, int) or n_head < 1:
+        raise ValueError(f"attention_packed: n_head must be a positive int, got {n_head!r}")
     if qkv.shape[-1] % (3 * n_head):
         raise ValueError(
             f"attention_packed: qkv's last dim {qkv.shape[-1]} is not 3 * n_head * hd for "

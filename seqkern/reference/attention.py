@@ -43,7 +43,9 @@ def attention_ref(
             allowed = allowed & mask
         else:
             logits = logits + mask.to(acc)
-    logits = logits.masked_fill(~allowed, float("-inf"))
+    # a hidden logit (-inf by the masks or causality) passes no gradient, also where its row's
+    # softmax is NaN: a NaN query row leaves the keys it cannot see untouched
+    logits = logits.masked_fill(~allowed | torch.isneginf(logits), float("-inf"))
     # rows that see no key (hidden by the bool mask or causality, or -inf everywhere in the
     # additive mask) give 0, with zero gradients; NaN logits stay NaN
     dead = torch.isneginf(logits).all(dim=-1, keepdim=True)

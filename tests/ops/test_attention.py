@@ -262,16 +262,99 @@ def test_rows_without_keys_give_zero_with_finite_grads():
     assert all(torch.isfinite(g).all() for g in grads)
 
 
-def test_nan_stays_visible():
+BACKENDS = ["reference", "triton", "cpu"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_stays_visible(backend):
+    """NaN where the oracle has NaN, in the output and every gradient: a NaN query row (which
+    ATen's CPU kernel returned as a row that sees no key, all zeros) and a NaN key."""
     q, k, v = (torch.randn(1, 2, 20, 32) for _ in range(3))
     q[0, 1, 3, 5] = math.nan  # one query row of head 1
     k[0, 0, 7, 0] = math.nan  # one key of head 0: every query that sees it
-    with use_backend("triton"):
-        out = attention(q, k, v, causal=True)
-    want = attention_ref(q, k, v, causal=True)
-    assert torch.equal(out.isnan(), want.isnan())
+    dout = torch.randn(1, 2, 20, 32)
+    qkv = [t.requires_grad_() for t in (q, k, v)]
+    out, grads = _run(qkv, None, dout, True, backend)
+    want, want_grads = _run(qkv, None, dout, True, None)
     assert out[0, 1, 3].isnan().all() and out[0, 0, 7:].isnan().all()
     assert not out[0, 0, :7].isnan().any()
+    assert torch.equal(out.isnan(), want.isnan())
+    assert torch.equal(grads[0].isnan(), want_grads[0].isnan())  # dq
+    # dk, dv: NaN in every key row the NaN reaches (head 0: all; head 1: the keys query 3
+    # sees), none the oracle lacks; the oracle's matmuls also spread 0 * NaN to keys a kernel
+    # may skip (a NaN query's hidden keys), so more NaN there is not required
+    dk, dv = grads[1].isnan().any(-1), grads[2].isnan().any(-1)
+    assert dk[0, 0].all() and dv[0, 0].all() and dk[0, 1, :4].all() and dv[0, 1, :4].all()
+    for got, ref in zip(grads[1:], want_grads[1:], strict=True):
+        assert not (got.isnan() & ~ref.isnan()).any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("T,S", [(0, 7), (7, 0), (0, 0)])
+def test_empty_sequences(backend, T, S):
+    """T == 0 or S == 0: an empty output, or rows that see no key (0, lse +inf), zero grads;
+    never a crash (ATen's CPU kernel died of SIGFPE)."""
+    from seqkern.ops.attention import attention_packed
+
+    q = torch.randn(2, 3, T, 16, requires_grad=True)
+    k, v = (torch.randn(2, 3, S, 16, requires_grad=True) for _ in range(2))
+    with use_backend(backend):
+        out = attention(q, k, v, causal=True)
+        grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+        _, lse = torch.ops.seqkern.attention(q, k, v, None, True, 0.25)
+        if T == S:
+            qkv = torch.randn(2, T, 3 * 3 * 16, requires_grad=True)
+            y = attention_packed(qkv, 3)
+            (dqkv,) = torch.autograd.grad(y, qkv, torch.randn_like(y))
+            assert y.shape == (2, T, 48) and dqkv.shape == qkv.shape
+    assert out.shape == q.shape and not out.any()
+    assert lse.shape == (2, 3, T) and bool(torch.isposinf(lse).all())
+    for g, t in zip(grads, (q, k, v), strict=True):
+        assert g.shape == t.shape and not g.any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", [CPU_CASES[1], CPU_CASES[3]], ids=repr)
+def test_outputs_have_the_fakes_layout(backend, case):
+    """Each backend returns what the fakes promise, strides included: torch.compile traces the
+    fakes (the cpu backend's lse was a (B, T, H) transpose)."""
+    from seqkern.ops.attention import _bwd_fake, _fwd_fake
+
+    qkv, mask, dout = _make(case, torch.float32, "cpu", seed=3)
+    q, k, v = (t.detach() for t in qkv)
+    with use_backend(backend):
+        fwd = torch.ops.seqkern.attention(q, k, v, mask, case.causal, 0.3)
+        bwd = torch.ops.seqkern.attention_bwd(dout, q, k, v, *fwd, mask, case.causal, 0.3)
+    for got, fake in zip(
+        (*fwd, *bwd),
+        (*_fwd_fake(q, k, v, mask, case.causal, 0.3), *_bwd_fake(dout, q, k, v, *fwd, mask, 0, 0)),
+        strict=True,
+    ):
+        assert (got.shape, got.stride(), got.dtype) == (fake.shape, fake.stride(), fake.dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+@pytest.mark.parametrize(
+    "shape", [(9,), (5, 9), (3, 5, 9), (1, 1, 9), (2, 1, 1, 9), (1, 3, 5, 1)], ids=str
+)
+def test_every_broadcastable_mask_form(backend, kind, shape):
+    """Any mask broadcastable to (B, H, T, S), as the docstring says (ATen takes only 2-D and
+    4-D ones: the cpu backend raised on the others)."""
+    B, H, T, S = 2, 3, 5, 9
+    case = Case(B, H, T, S, 16, True)
+    qkv, _, dout = _make(case, torch.float32, "cpu", seed=11)
+    gen = torch.Generator().manual_seed(12)
+    keep = torch.rand(shape, generator=gen) < 0.7
+    mask = (
+        keep if kind == "bool" else torch.randn(shape, generator=gen).masked_fill(~keep, -math.inf)
+    )
+    out, grads = _run(qkv, mask, dout, True, backend)
+    oracle, oracle_grads = _run(*_detached(qkv, mask, torch.float64), dout.double(), True, None)
+    ref, ref_grads = _run(*_detached(qkv, mask, torch.float32), dout, True, None)
+    assert_close_to_oracle(out, oracle, ref, name="out")
+    for name, g, og, rg in zip("qkv", grads, oracle_grads, ref_grads, strict=True):
+        assert_close_to_oracle(g, og, rg, name=f"d{name}")
 
 
 def test_backward_is_deterministic_and_no_grad_skips_autograd():
