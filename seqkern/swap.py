@@ -12,7 +12,6 @@ imported by seqkern.
 
 from __future__ import annotations
 
-import functools
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -257,13 +256,24 @@ def _adopt_tensors(new: nn.Module, old: nn.Module) -> None:
             setattr(new_sub, attr, {k: mine[k] for k in order})
 
 
-def _with_backend(method: Callable, backend: tuple[str, ...]) -> Callable:
-    @functools.wraps(method)
-    def run(*args, **kwargs):
-        with use_backend(*backend):
-            return method(*args, **kwargs)
+class _Pinned:
+    """`module.<name>` run under `use_backend(*backend)`, set as an instance attribute.
 
-    return run
+    An object, not a closure over the bound method: copy.deepcopy (AveragedModel, EMA
+    teachers) and pickling (torch.save of the whole model) copy it with the module, so the copy
+    runs its own forward on its own weights.
+    """
+
+    def __init__(self, module: nn.Module, name: str, backend: tuple[str, ...]):
+        self.module, self.name, self.backend = module, name, backend
+        self.__doc__ = getattr(type(module), name).__doc__
+
+    def __call__(self, *args, **kwargs):
+        with use_backend(*self.backend):
+            return getattr(type(self.module), self.name)(self.module, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<{type(self.module).__name__}.{self.name} under backend {self.backend}>"
 
 
 def _swap_one(module: nn.Module, rule: SwapRule, backend: tuple[str, ...] | None) -> nn.Module:
@@ -274,7 +284,7 @@ def _swap_one(module: nn.Module, rule: SwapRule, backend: tuple[str, ...] | None
     object.__setattr__(new, "_seqkern_original", module)
     if backend:
         for name in rule.methods:
-            object.__setattr__(new, name, _with_backend(getattr(new, name), backend))
+            object.__setattr__(new, name, _Pinned(new, name, backend))
     return new
 
 

@@ -93,6 +93,35 @@ def test_swap_backend_argument_and_nothing_to_swap(espnet_upstream):
         seqkern.swap(plain, backend="gpu")
 
 
+def test_swap_with_backend_survives_deepcopy_and_pickle(espnet_upstream):
+    """A model swapped with backend= deep-copies (AveragedModel, EMA teachers) and pickles
+    (torch.save of the whole model) into a model that runs its own weights, still pinned."""
+    import copy
+    import io
+
+    mha = espnet_upstream.beats.MultiheadAttention(16, 2, self_attention=True)
+    model = nn.Sequential(nn.Identity(), mha)
+    seqkern.swap(model, backend="reference")
+    x = torch.randn(5, 2, 16)
+    with torch.no_grad():
+        want = model[1](x, x, x)[0]
+        twin = copy.deepcopy(model)
+        for p in twin.parameters():
+            p.mul_(2.0)
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=False)
+        for m in (twin, loaded):
+            assert m[1].forward.module is m[1] and m[1].forward.backend == ("reference",)
+        with seqkern.use_backend("reference"):
+            twin_want = BeatsMultiheadAttention.forward(twin[1], x, x, x)[0]
+        torch.testing.assert_close(twin[1](x, x, x)[0], twin_want, rtol=0, atol=0)
+        assert not torch.allclose(twin_want, want)
+        torch.testing.assert_close(loaded[1](x, x, x)[0], want, rtol=0, atol=0)
+        torch.testing.assert_close(model[1](x, x, x)[0], want, rtol=0, atol=0)
+
+
 def _perturbed(module, seed=0, scale=0.05):
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
