@@ -357,7 +357,7 @@ def segment_conv_fwd(
 
     Args:
         z: (n*R + U, B, D) pre-conv rows [rc | utterance], any strides with a unit last one.
-        weight: (D, 1, k) depthwise kernel; bias: (D,) or None.
+        weight: (D, 1, k) depthwise kernel (any strides); bias: (D,) (any stride) or None.
         cache: (B, D, k - 1) frames before the utterance (any strides), or None (zeros).
         utterance_length (U >= 1), segment_length (s >= 1), right_context (R >= 0).
     Returns:
@@ -366,6 +366,8 @@ def segment_conv_fwd(
     plan = _Plan(
         "segment_conv_fwd", z, weight, bias, cache, utterance_length, segment_length, right_context
     )
+    if bias is not None and bias.stride(0) != 1:  # the kernel reads D contiguous values
+        bias = bias.contiguous()
     y = torch.empty((plan.T, plan.B, plan.D), dtype=z.dtype, device=z.device)
     cfg = plan.cfg
     grid = (triton.cdiv(plan.T, cfg["BLOCK_T"]), triton.cdiv(plan.D, cfg["BLOCK_D"]), plan.B)

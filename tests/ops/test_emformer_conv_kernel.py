@@ -35,9 +35,10 @@ class Case:
     cache: a (B, D, k - 1) cache, else None (training). bias: a bias, else None.
     layout: "contig"; "strided" (z: unit-stride column slice of a wider NaN-filled buffer,
     cache: the last k - 1 frames of a NaN-filled (B, D, k - 1 + 5) buffer, as the module's new
-    state is; weight transposed storage); "bmajor" (z: (B, T, D) storage seen time-major;
-    cache: (B, k - 1, D) storage seen (B, D, k - 1)); "every_other" (z: every other column,
-    a non-unit last stride: the op copies it).
+    state is; weight transposed storage; bias every other entry of a NaN-filled buffer);
+    "bmajor" (z: (B, T, D) storage seen time-major; cache: (B, k - 1, D) storage seen
+    (B, D, k - 1)); "every_other" (z: every other column,
+    a non-unit last stride: the op copies it; bias one value expanded, stride 0).
     """
 
     def __init__(self, name, B, D, k, s, R, U, n=None, cache=True, bias=True, layout="contig"):
@@ -123,6 +124,12 @@ def _inputs(case, gen):
     else:
         z = _rnd(gen, T, B, D)
     bias = _rnd(gen, D) if case.bias else None
+    if bias is not None and case.layout == "strided":  # every other entry of a NaN buffer
+        bbuf = torch.full((2 * D,), math.nan, dtype=torch.float64)
+        bbuf[1::2] = bias
+        bias = bbuf[1::2]
+    elif bias is not None and case.layout == "every_other":  # one value broadcast: stride 0
+        bias = bias[:1].expand(D)
     return dict(z=z, weight=weight, bias=bias, cache=cache), _rnd(gen, T, B, D)
 
 
