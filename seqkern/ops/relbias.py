@@ -210,6 +210,48 @@ class RelbiasAttentionFunction(torch.autograd.Function):
         )
 
 
+def _check_tensors(q, k, v, bias, gate, attn_mask, key_padding_mask, rel_bias) -> None:
+    """Types, dtypes and devices; the shapes are checked by the caller."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"relbias_attention: {name} must be a torch.Tensor, got {type(t)}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"relbias_attention: {name} must be (B, H, L, hd), got {tuple(t.shape)}"
+            )
+        if not t.is_floating_point() or t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(
+                f"relbias_attention: {name} must be floating point, with q's dtype and device "
+                f"({q.dtype}, {q.device}), got ({t.dtype}, {t.device})"
+            )
+    optional = (
+        ("bias", bias, "float"),
+        ("rel_bias", rel_bias, "float"),
+        ("gate", gate, "float"),
+        ("attn_mask", attn_mask, "float"),
+        ("key_padding_mask", key_padding_mask, "bool"),
+    )
+    for name, t, kind in optional:
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"relbias_attention: {name} must be a tensor or None, got {type(t)}")
+        if t.device != q.device:
+            raise ValueError(
+                f"relbias_attention: {name} must be on q's device {q.device}, got {t.device}"
+            )
+        if kind == "float" and not t.is_floating_point():
+            raise ValueError(
+                f"relbias_attention: {name} must be floating point (it is added to the "
+                f"logits), got {t.dtype}"
+            )
+        if kind == "bool" and (t.is_floating_point() or t.is_complex()):
+            raise ValueError(
+                f"relbias_attention: {name} must be bool (True = padding) or an integer 0/1 "
+                f"tensor, got {t.dtype}"
+            )
+
+
 def relbias_attention(
     q: Tensor,
     k: Tensor,
@@ -231,6 +273,7 @@ def relbias_attention(
     need_weights=True and dropout need the probabilities, which only the reference keeps: they
     run it directly (an explicit use_backend without "reference" raises BackendError).
     """
+    _check_tensors(q, k, v, bias, gate, attn_mask, key_padding_mask, rel_bias)
     B, H, T, _ = q.shape
     S = k.shape[-2]
     if k.shape[:2] != (B, H) or v.shape[:3] != k.shape[:3]:
@@ -238,6 +281,30 @@ def relbias_attention(
             f"relbias_attention: k {tuple(k.shape)} / v {tuple(v.shape)} do not fit "
             f"q {tuple(q.shape)}"
         )
+    if k.shape[-1] != q.shape[-1] or v.shape[-1] != q.shape[-1]:
+        raise ValueError(
+            f"relbias_attention: q, k and v must share the head dim, got {q.shape[-1]}, "
+            f"{k.shape[-1]}, {v.shape[-1]}"
+        )
+    if q.shape[-1] == 0:
+        raise ValueError("relbias_attention: head dim must be at least 1, got 0")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"relbias_attention: scale must be a float, got {type(scale).__name__}")
+    if gate is not None and tuple(gate.shape) != (B, H, T, 1):
+        raise ValueError(
+            f"relbias_attention: gate must be (B, H, T, 1) = {(B, H, T, 1)}, "
+            f"got {tuple(gate.shape)}"
+        )
+    if bias is not None:
+        try:
+            ok = torch.broadcast_shapes(bias.shape, (B, H, T, S)) == (B, H, T, S)
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"relbias_attention: bias {tuple(bias.shape)} is not broadcastable to "
+                f"(B, H, T, S) = {(B, H, T, S)}"
+            )
     if key_padding_mask is not None and tuple(key_padding_mask.shape) != (B, S):
         raise ValueError(
             f"relbias_attention: key_padding_mask must be (B, S) = {(B, S)}, "

@@ -91,9 +91,10 @@ def relbias_attention_ref(
         logits = logits.masked_fill(padded, float("-inf"))
     if bias is not None:
         logits = logits + (bias if gate is None else gate * bias)
-    probs = torch.softmax(logits, dim=-1)
-    if padded is not None:
-        probs = probs.masked_fill(padded.all(dim=-1, keepdim=True), 0.0)
+    # rows that see no key (all keys padding, or attn_mask -inf on all of them) give 0, with
+    # zero gradients (upstream gives NaN); NaN logits stay NaN
+    dead = torch.isneginf(logits).all(dim=-1, keepdim=True)
+    probs = torch.softmax(logits.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
     dropped = torch.nn.functional.dropout(probs, p=dropout_p) if dropout_p > 0 else probs
     out = torch.matmul(dropped, v)
     return out, (probs if need_weights else None)

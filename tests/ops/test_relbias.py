@@ -4,6 +4,8 @@ Runs in the Triton interpreter on CPU (small shapes) under use_backend("triton")
 fallback cannot hide; the cuda tier repeats it on the GPU at BEATs sizes.
 """
 
+import math
+
 import pytest
 import torch
 
@@ -134,6 +136,60 @@ def test_fully_padded_row_gives_zero_with_finite_grads():
         grads = torch.autograd.grad(out.sum(), (q, k, v, rel))
     assert torch.equal(out, torch.zeros_like(out))
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("path", ["need_weights", "dropout"])
+def test_rows_without_keys_on_the_reference_path(path):
+    """need_weights=True and dropout run the reference directly: an all -inf attn_mask row and
+    an all-padded sample give 0 there too, and the gradients (of the bias table and the gate
+    as well) stay finite, not NaN."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, 5, 16, generator=gen, requires_grad=True) for _ in range(3))
+    rel = torch.randn(2, 9, generator=gen, requires_grad=True)
+    gate = torch.rand(2, 2, 5, 1, generator=gen, requires_grad=True)
+    attn_mask = torch.zeros(5, 5)
+    attn_mask[2] = -math.inf  # query 2 sees no key
+    kpm = torch.zeros(2, 5, dtype=torch.bool)
+    kpm[1] = True  # sample 1 is all padding
+    kwargs = {"need_weights": True} if path == "need_weights" else {"dropout_p": 0.2}
+    torch.manual_seed(0)
+    out, probs = relbias_attention(
+        q, k, v, 0.25, rel_bias=rel, gate=gate, attn_mask=attn_mask, key_padding_mask=kpm, **kwargs
+    )
+    grads = torch.autograd.grad(out.sum(), (q, k, v, rel, gate))
+    assert not out[1].any() and not out[0, :, 2].any() and out[0, :, 3].abs().sum() > 0
+    if probs is not None:
+        assert not probs[1].any() and not probs[0, :, 2].any()
+    assert all(bool(torch.isfinite(g).all()) for g in grads)
+
+
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        ({"q": torch.ones(1, 2, 4, 16, dtype=torch.long)}, ValueError, "q must be floating"),
+        ({"v": torch.randn(1, 2, 6, 8)}, ValueError, "share the head dim"),
+        ({"k": torch.randn(1, 2, 6, 8)}, ValueError, "share the head dim"),
+        ({"gate": torch.rand(1, 2, 4)}, ValueError, "gate must be"),
+        ({"gate": torch.rand(1, 2, 4, 2)}, ValueError, "gate must be"),
+        ({"bias": torch.randn(2, 4, 5)}, ValueError, "bias .* not broadcastable"),
+        ({"bias": torch.ones(2, 4, 6, dtype=torch.long)}, ValueError, "bias must be floating"),
+        ({"attn_mask": torch.ones(4, 6, dtype=torch.bool)}, ValueError, "attn_mask must be"),
+        ({"key_padding_mask": torch.zeros(1, 6)}, ValueError, "key_padding_mask must be bool"),
+        ({"scale": "0.25"}, TypeError, "scale must be a float"),
+        ({"q": torch.randn(2, 4, 16)}, ValueError, r"\(B, H, L, hd\)"),
+    ],
+)
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_bad_inputs_raise_clear_errors(change, error, match, backend):
+    args = {
+        "q": torch.randn(1, 2, 4, 16),
+        "k": torch.randn(1, 2, 6, 16),
+        "v": torch.randn(1, 2, 6, 16),
+        "scale": 0.25,
+    }
+    args.update(change)
+    with use_backend(backend), pytest.raises(error, match=match):
+        relbias_attention(**args)
 
 
 def test_triton_declines_what_it_cannot_do_and_says_why():
