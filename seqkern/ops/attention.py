@@ -105,17 +105,19 @@ def _reference_bwd(
     grad_k = ka.new_zeros(ka.shape)
     grad_v = va.new_zeros(va.shape)
     step = max(1, T if block_rows is None else block_rows)
+    # logits can be -inf by the masks, causality, or an infinite q or k
+    may_hide = mask is not None or causal or not bool(q.isfinite().all() & k.isfinite().all())
     for r0 in range(0, T, step):
         rows = slice(r0, min(T, r0 + step))
         ke = min(S, max(0, rows.stop + S - T)) if causal else S  # keys past ke are hidden
         logits = _oracle_logits(q, k, mask, causal, scale, rows, ke)
         p = torch.softmax(logits, dim=-1)
-        if mask is not None or causal:  # rows that see no key give 0 (softmax gave NaN)
+        if may_hide:  # rows that see no key give 0 (softmax gave NaN)
             p.masked_fill_(torch.isneginf(logits).all(dim=-1, keepdim=True), 0.0)
         do = dout[..., rows, :].to(acc)
         dp = torch.matmul(do, va[..., :ke, :].transpose(-1, -2))
         ds = torch._softmax_backward_data(dp, p, -1, acc)  # p * (dp - sum_j p dp), fused
-        if mask is not None or causal:  # hidden logits pass no gradient, even from a NaN row
+        if may_hide:  # hidden logits pass no gradient, even from a NaN row
             ds.masked_fill_(torch.isneginf(logits), 0.0)
         dq[..., rows, :].copy_(torch.matmul(ds, ka[..., :ke, :]).mul_(scale))
         grad_k[..., :ke, :].add_(torch.matmul(ds.transpose(-1, -2), q[..., rows, :].to(acc)))
@@ -233,10 +235,24 @@ def _cpu_mask(q: Tensor, k: Tensor, mask: Tensor | None, causal: bool):
     return additive, causal, dead
 
 
+def _finite(q: Tensor, k: Tensor, additive: Tensor | None) -> bool:
+    """q and k finite, the additive mask finite or -inf."""
+    ok = q.isfinite().all() & k.isfinite().all()
+    if additive is not None:
+        ok &= ~(additive.isnan() | additive.isposinf()).any()
+    return bool(ok)
+
+
 def _cpu_fwd(q, k, v, mask, causal, scale):
     # ATen's CPU kernel reads a non-unit last stride wrongly for float64: give it unit strides
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     additive, is_causal, dead = _cpu_mask(q, k, mask, causal)
+    # ATen's running max skips NaN (a NaN query row comes back as a row that sees no key) and
+    # adds the mask's -inf to an infinite logit (NaN where the oracle hides it): non-finite
+    # logits take the reference, whose NaN and Inf are the contract's. A pass over q, k and
+    # the mask; the reference runs only on such inputs.
+    if not _finite(q, k, additive):
+        return _reference_fwd(q, k, v, mask, causal, scale)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q, k, v, 0.0, is_causal, attn_mask=additive, scale=scale
     )
@@ -246,16 +262,6 @@ def _cpu_fwd(q, k, v, mask, causal, scale):
     lse = lse.to(_stats_dtype(q)).contiguous()  # ATen's is a (B, T, H) transpose; the fake's is not
     if dead is not None:  # broadcastable to (B, H, T)
         lse.masked_fill_(dead.expand(B, H, T), math.inf)
-    # ATen's running max skips NaN, so a row whose every visible logit is NaN (a NaN in q) comes
-    # back as if it saw no key: out 0, lse 0. Such rows (and the rare true row with lse 0 and
-    # out 0) are recomputed by the reference, which keeps the NaN visible.
-    suspect = (lse == 0) & result.eq(0).all(dim=-1)
-    if dead is not None:
-        suspect &= ~dead
-    if bool(suspect.any()):
-        want, want_lse = _reference_fwd(q, k, v, mask, causal, scale)
-        result[suspect] = want[suspect]
-        lse = torch.where(suspect, want_lse, lse)
     return result, lse
 
 

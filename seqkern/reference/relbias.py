@@ -82,7 +82,9 @@ def relbias_attention_ref(
             raise ValueError("give bias or rel_bias, not both")
         bias = expand_rel_bias(rel_bias, q.shape[-2], k.shape[-2])
     logits = torch.matmul(q * (scale / ALPHA), k.transpose(-1, -2))
-    logits = (logits - logits.amax(dim=-1, keepdim=True)) * ALPHA
+    # the softmax does not depend on the shift, so no gradient flows through the max (detached:
+    # amax's backward would spread 0 / 0 = NaN over a NaN row that sees no key)
+    logits = (logits - logits.amax(dim=-1, keepdim=True).detach()) * ALPHA
     if attn_mask is not None:
         logits = logits + attn_mask
     padded = None
@@ -155,19 +157,26 @@ def relbias_attention_bwd_ref(
 ):
     """-> (dq, dk, dv, dbias or None, dgate or None), all fp32 (fp64 for fp64 inputs).
 
-    With P = softmax(logits): dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)),
+    With P = softmax(logits): dV = P^T dO, dS = P * (dP - rowsum(P * dP)) with dP = dO V^T,
     dQ = scale dS K, dK = scale dS^T Q; the bias sees gate * dS (summed over the batch and, for
     rel_bias, along each diagonal j - i), the gate sees sum_j dS * bias.
+
+    P is recomputed as autograd's softmax saves it and the row sum taken from that P and dP,
+    as in seqkern.ops.attention's backward: exp(logits - lse) and rowsum(dO * O) carry the
+    rounding of lse and of out, far above the true dS when the softmax saturates (with one key
+    dS is exactly 0). lse and out are not read. Hidden logits (-inf) pass no gradient.
     """
     acc = _stats_dtype(q)
     logits, full_bias = _stage_logits(
         q, k, scale, rel_bias, bias, gate, attn_mask, key_padding_mask, acc
     )
-    p = torch.exp(logits - lse.to(acc).unsqueeze(-1))
-    do, o = dout.to(acc), out.to(acc)
+    hidden = torch.isneginf(logits)
+    dead = hidden.all(dim=-1, keepdim=True)  # rows that see no key: P = 0
+    p = torch.softmax(logits.masked_fill(dead, 0.0), dim=-1).masked_fill_(dead, 0.0)
+    do = dout.to(acc)
     dv = torch.matmul(p.transpose(-1, -2), do)
-    delta = (do * o).sum(dim=-1, keepdim=True)
-    ds = p * (torch.matmul(do, v.to(acc).transpose(-1, -2)) - delta)
+    dp = torch.matmul(do, v.to(acc).transpose(-1, -2))
+    ds = torch._softmax_backward_data(dp, p, -1, acc).masked_fill_(hidden, 0.0)
     dq = torch.matmul(ds, k.to(acc)) * scale
     dk = torch.matmul(ds.transpose(-1, -2), q.to(acc)) * scale
     dgate = None
