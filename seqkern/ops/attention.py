@@ -19,6 +19,7 @@ dtype, so `out.transpose(1, 2).reshape(B, T, H * hd)` is free; lse is (B, H, T) 
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 from torch import Tensor
@@ -268,8 +269,8 @@ def _cpu_fwd(q, k, v, mask, causal, scale):
 def _cpu_bwd(dout, q, k, v, out, lse, mask, causal, scale, dq=None, dk=None, dv=None):
     # Not ATen's flash backward: its delta = do . out and p = exp(logits - lse) leave gradients
     # of a saturated softmax several times less accurate than autograd's (measured in
-    # tests/ops/test_attention.py::test_saturated_softmax). The reference's exact softmax
-    # backward, in blocks of query rows that hold about 4M probabilities at a time.
+    # tests/ops/test_attention.py::test_saturated_softmax_matches_oracle). The reference's
+    # exact softmax backward, in blocks of query rows that hold about 4M probabilities at a time.
     B, H, _, _ = q.shape
     block = max(1, (1 << 22) // max(1, B * H * k.shape[2]))
     return _reference_bwd(dout, q, k, v, out, lse, mask, causal, scale, dq, dk, dv, block)
@@ -507,8 +508,13 @@ def attention_packed(
     """
     if not isinstance(qkv, Tensor) or qkv.dim() != 3:
         raise ValueError(f"attention_packed: qkv must be a (B, T, 3 * D) tensor, got {qkv!r:.60}")
-    if isinstance(n_head, bool) or not isinstance(n_head, int) or n_head < 1:
+    try:
+        heads = operator.index(n_head)  # an int or a numpy int, not a float
+    except TypeError:
+        heads = 0
+    if heads < 1 or isinstance(n_head, bool):
         raise ValueError(f"attention_packed: n_head must be a positive int, got {n_head!r}")
+    n_head = heads
     if qkv.shape[-1] % (3 * n_head):
         raise ValueError(
             f"attention_packed: qkv's last dim {qkv.shape[-1]} is not 3 * n_head * hd for "

@@ -54,6 +54,19 @@ def _run(dec, x, level, mask, backend, dy):
     return y, dict(zip(["x"] + [n for n, _ in dec.named_parameters()], grads, strict=True))
 
 
+def _check_against_oracle(dec, x, level, mask, backend, dy):
+    """The decoder on `backend` against the float64 oracle, output and every gradient, under
+    seqkern.testing's rule (the reference in the decoder's dtype sets the bound)."""
+    got, got_grads = _run(dec, x, level, mask, backend, dy)
+    dec64 = copy.deepcopy(dec).double()
+    oracle, oracle_grads = _run(dec64, x.double(), level, mask, ("reference",), dy.double())
+    ref, ref_grads = _run(dec, x, level, mask, ("reference",), dy)
+    assert got.dtype == x.dtype
+    assert_close_to_oracle(got, oracle, ref, name="y")
+    for name in got_grads:
+        assert_close_to_oracle(got_grads[name], oracle_grads[name], ref_grads[name], name=name)
+
+
 CASES = [
     # (B, T, causal, mask, per-frame levels, dtype)
     (3, 29, False, "pad", False, torch.float32),  # packed QKV path (B * T >= n_state)
@@ -72,14 +85,7 @@ def test_decoder_on_kernels_matches_float64_oracle(B, T, causal, mask, per_frame
     level = torch.randint(0, 5, (B, T) if per_frame else (B,), generator=gen)
     m = _ragged_mask(B, T) if mask else None
     dy = torch.randn(B, T, 64, generator=gen).to(dtype)
-    got, got_grads = _run(dec, x, level, m, KERNELS, dy)
-    dec64 = copy.deepcopy(dec).double()
-    oracle, oracle_grads = _run(dec64, x.double(), level, m, ("reference",), dy.double())
-    ref, ref_grads = _run(dec, x, level, m, ("reference",), dy)
-    assert got.dtype == dtype
-    assert_close_to_oracle(got, oracle, ref, name="y")
-    for name in got_grads:
-        assert_close_to_oracle(got_grads[name], oracle_grads[name], ref_grads[name], name=name)
+    _check_against_oracle(dec, x, level, m, KERNELS, dy)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -93,14 +99,7 @@ def test_decoder_on_cpu_kernels_long_reductions(dtype):
     level = torch.randint(0, 5, (B,), generator=gen)
     m = _ragged_mask(B, T)
     dy = torch.randn(B, T, 64, generator=gen).to(dtype)
-    got, got_grads = _run(dec, x, level, m, ("cpu",), dy)
-    oracle, oracle_grads = _run(
-        copy.deepcopy(dec).double(), x.double(), level, m, ("reference",), dy.double()
-    )
-    ref, ref_grads = _run(dec, x, level, m, ("reference",), dy)
-    assert_close_to_oracle(got, oracle, ref, name="y")
-    for name in got_grads:
-        assert_close_to_oracle(got_grads[name], oracle_grads[name], ref_grads[name], name=name)
+    _check_against_oracle(dec, x, level, m, ("cpu",), dy)
 
 
 def test_packed_and_separate_projections_agree():
@@ -183,14 +182,7 @@ def test_cuda_decoder_matches_float64_oracle(causal, dtype):
     level = torch.randint(0, 5, (B,), generator=gen).cuda()
     m = None if causal else _ragged_mask(B, T).cuda()
     dy = torch.randn(B, T, 512, generator=gen).to("cuda", dtype)
-    got, got_grads = _run(dec, x, level, m, ("cuda", "triton"), dy)
-    oracle, oracle_grads = _run(
-        copy.deepcopy(dec).double(), x.double(), level, m, ("reference",), dy.double()
-    )
-    ref, ref_grads = _run(dec, x, level, m, ("reference",), dy)
-    assert_close_to_oracle(got, oracle, ref, name="y")
-    for name in got_grads:
-        assert_close_to_oracle(got_grads[name], oracle_grads[name], ref_grads[name], name=name)
+    _check_against_oracle(dec, x, level, m, ("cuda", "triton"), dy)
 
 
 @pytest.mark.cuda

@@ -398,6 +398,14 @@ def test_bad_inputs_raise_clear_errors(shapes, kwargs, match):
         attention(q, k, v, **kwargs)
 
 
+@pytest.mark.parametrize("n_head", [0, -2, 2.0, True, "2"])
+def test_attention_packed_rejects_a_bad_head_count(n_head):
+    from seqkern.ops.attention import attention_packed
+
+    with pytest.raises(ValueError, match="n_head must be a positive int"):
+        attention_packed(torch.randn(1, 4, 48), n_head)
+
+
 def test_dtype_mismatch_is_named():
     q = torch.randn(1, 2, 4, 16)
     with pytest.raises(ValueError, match="k must match q's dtype"):
