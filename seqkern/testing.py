@@ -89,6 +89,30 @@ def assert_close_to_oracle(
         )
 
 
+def assert_poisoned_grad_close_to_oracle(
+    got: Tensor, oracle: Tensor, ref: Tensor, *, name: str = "grad"
+) -> None:
+    """The rule for a gradient when an input holds NaN or Inf.
+
+    The oracle's dense matmuls also carry 0 * NaN into entries a kernel rightly skips (a masked
+    logit's gradient, a key no query sees), so the patterns need not be equal. Instead: no NaN
+    where the oracle has none, NaN in every slice (last dim) that the oracle has all NaN, and
+    `assert_close_to_oracle` on the entries finite in the kernel, the oracle and the reference.
+    """
+    got_nan, want_nan = got.isnan(), oracle.isnan()
+    if (got_nan & ~want_nan.to(got_nan.device)).any():
+        raise AssertionError(f"{name}: NaN where the oracle has none")
+    if not got_nan.any(-1)[want_nan.all(-1).to(got_nan.device)].all():
+        raise AssertionError(f"{name}: NaN hidden (a slice all NaN in the oracle is finite)")
+    keep = ~(got_nan | want_nan | oracle.isinf() | ref.isnan() | ref.isinf())
+    assert_close_to_oracle(
+        torch.where(keep, got, 0).to(got.dtype),
+        torch.where(keep, oracle, 0),
+        torch.where(keep, ref, 0).to(ref.dtype),
+        name=name,
+    )
+
+
 def rel_rms_error(got: Tensor, want: Tensor) -> float:
     """||got - want||_2 / ||want||_2: the measure for long recurrences, where max-abs misleads."""
     got64, want64 = got.detach().to(torch.float64), want.detach().to(torch.float64)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from seqkern._triton.attention import _logit_grad, exact_delta_for
 
 BIAS_NONE, BIAS_REL, BIAS_DENSE = 0, 1, 2
 
@@ -222,6 +223,7 @@ def _relbias_bwd_dkdv_kernel(
     DO,
     LSE,
     DELTA,
+    NORM,
     DK,
     DV,
     RB,
@@ -263,6 +265,7 @@ def _relbias_bwd_dkdv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
+    EXACT_DELTA: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
@@ -324,6 +327,9 @@ def _relbias_bwd_dkdv_kernel(
         )
         lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=mask_m, other=float("inf"))
         p = tl.exp(s - lse[:, None])  # (BLOCK_M, BLOCK_N)
+        if EXACT_DELTA:  # 1 / sum(p) of each row, from the dq kernel's first sweep
+            p = p * tl.load(NORM + bh.to(tl.int64) * T + offs_m, mask=mask_m, other=0.0)[:, None]
+        p = tl.where(s == float("-inf"), 0.0, p)  # hidden keys: no gradient, even in a NaN row
         do = tl.load(
             DO + b * s_dob + h * s_doh + offs_m[:, None] * s_dot + offs_d[None, :],
             mask=mask_md,
@@ -332,7 +338,7 @@ def _relbias_bwd_dkdv_kernel(
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION).to(tl.float32)
         delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=mask_m, other=0.0)
-        ds = p * (dp - delta[:, None])
+        ds = _logit_grad(p, dp, delta, s)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
     dk_ptr = DK + bh.to(tl.int64) * S * hd + offs_n[:, None] * hd + offs_d[None, :]
     tl.store(dk_ptr, dk * scale, mask=mask_nd)
@@ -348,6 +354,7 @@ def _relbias_bwd_dq_kernel(
     DO,
     LSE,
     DELTA,
+    NORM,
     DQ,
     DG,
     DRB,
@@ -392,6 +399,7 @@ def _relbias_bwd_dq_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
+    EXACT_DELTA: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -414,7 +422,12 @@ def _relbias_bwd_dq_kernel(
     if HAS_GATE:
         gate = tl.load(G + b * s_gb + h * s_gh + offs_m, mask=mask_m, other=0.0).to(tl.float32)
     lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=mask_m, other=float("inf"))
-    delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=mask_m, other=0.0)
+    row_base = bh.to(tl.int64) * T
+    norm = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if EXACT_DELTA:
+        delta = tl.zeros([BLOCK_M], dtype=tl.float32)
+    else:
+        delta = tl.load(DELTA + row_base + offs_m, mask=mask_m, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dgate = tl.zeros([BLOCK_M], dtype=tl.float32)
     kb_ptr = K + b * s_kb + h * s_kh
@@ -423,58 +436,78 @@ def _relbias_bwd_dq_kernel(
     key_end = S
     if HAS_KPM:
         key_end = tl.load(KEND + b)
-    for n0 in range(0, key_end, BLOCK_N):
-        offs_n = n0 + offs_n0
-        mask_n = offs_n < S
-        s, bias = _logits_tile(
-            q,
-            kb_ptr,
-            offs_m,
-            offs_n,
-            offs_d,
-            T,
-            S,
-            hd,
-            scale,
-            s_kt,
-            RB,
-            rb_base,
-            s_rb_i,
-            s_rb_j,
-            gate,
-            AM,
-            s_am_i,
-            s_am_j,
-            KPM,
-            b * s_kpm_b,
-            BIAS_MODE,
-            HAS_GATE,
-            HAS_AM,
-            HAS_KPM,
-            PRECISION,
-        )
-        p = tl.exp(s - lse[:, None])
-        mask_nd = mask_n[:, None] & (offs_d[None, :] < hd)
-        k = tl.load(kb_ptr + offs_n[:, None] * s_kt + offs_d[None, :], mask=mask_nd, other=0.0)
-        v = tl.load(vb_ptr + offs_n[:, None] * s_vt + offs_d[None, :], mask=mask_nd, other=0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION).to(tl.float32)
-        ds = p * (dp - delta[:, None])  # d logits
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-        if HAS_GATE:
-            dgate += tl.sum(ds * bias, axis=1)
-            dbias = ds * gate[:, None]
-        else:
-            dbias = ds
-        if BIAS_GRAD:
-            mask_mn = mask_m[:, None] & mask_n[None, :]
-            if BIAS_MODE == 1:
-                # every (i, j) with the same j - i shares one entry: sum by atomics
-                rel = offs_n[None, :] - offs_m[:, None] + T - 1
-                tl.atomic_add(DRB + h * s_drb_h + rel, dbias, mask=mask_mn)
-            if BIAS_MODE == 2:
-                # dense: DRB is (B, H, T, S) fp32, written once per element up to key_end
-                off = ((b * H + h) * T + offs_m[:, None]) * S + offs_n[None, :]
-                tl.store(DRB + off, dbias, mask=mask_mn)
+    # With EXACT_DELTA (fp32), a first sweep over the keys sums p and p * dp from this kernel's
+    # own p and dp, and the second accumulates the gradients from p / sum(p) and delta =
+    # sum(p dp) / sum(p) (as seqkern._triton.attention does): a row's dS then sums to zero to
+    # fp32 rounding, which delta = do . out and the rounding of lse break when the softmax
+    # saturates (with one key dS is exactly 0). The dK/dV kernel, launched after, reads both.
+    for stage in tl.static_range(0 if EXACT_DELTA else 1, 2):
+        for n0 in range(0, key_end, BLOCK_N):
+            offs_n = n0 + offs_n0
+            mask_n = offs_n < S
+            s, bias = _logits_tile(
+                q,
+                kb_ptr,
+                offs_m,
+                offs_n,
+                offs_d,
+                T,
+                S,
+                hd,
+                scale,
+                s_kt,
+                RB,
+                rb_base,
+                s_rb_i,
+                s_rb_j,
+                gate,
+                AM,
+                s_am_i,
+                s_am_j,
+                KPM,
+                b * s_kpm_b,
+                BIAS_MODE,
+                HAS_GATE,
+                HAS_AM,
+                HAS_KPM,
+                PRECISION,
+            )
+            p = tl.exp(s - lse[:, None])
+            mask_nd = mask_n[:, None] & (offs_d[None, :] < hd)
+            v = tl.load(vb_ptr + offs_n[:, None] * s_vt + offs_d[None, :], mask=mask_nd, other=0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION).to(tl.float32)
+            if stage == 0:  # the sums of p and of p * dp, from the very p and dp used below
+                norm += tl.sum(p, axis=1)
+                delta += tl.sum(p * dp, axis=1)
+            else:
+                if EXACT_DELTA:
+                    p = p * norm[:, None]
+                k = tl.load(
+                    kb_ptr + offs_n[:, None] * s_kt + offs_d[None, :], mask=mask_nd, other=0.0
+                )
+                ds = _logit_grad(p, dp, delta, s)  # d logits
+                dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+                if HAS_GATE:
+                    dgate += tl.sum(ds * bias, axis=1)
+                    dbias = ds * gate[:, None]
+                else:
+                    dbias = ds
+                if BIAS_GRAD:
+                    mask_mn = mask_m[:, None] & mask_n[None, :]
+                    if BIAS_MODE == 1:
+                        # every (i, j) with the same j - i shares one entry: sum by atomics
+                        rel = offs_n[None, :] - offs_m[:, None] + T - 1
+                        tl.atomic_add(DRB + h * s_drb_h + rel, dbias, mask=mask_mn)
+                    if BIAS_MODE == 2:
+                        # dense: DRB is (B, H, T, S) fp32, written once per element up to key_end
+                        off = ((b * H + h) * T + offs_m[:, None]) * S + offs_n[None, :]
+                        tl.store(DRB + off, dbias, mask=mask_mn)
+        if stage == 0:
+            empty = norm == 0.0  # rows that see no key: p = 0
+            norm = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, norm))
+            delta = delta * norm
+            tl.store(DELTA + row_base + offs_m, delta, mask=mask_m)
+            tl.store(NORM + row_base + offs_m, norm, mask=mask_m)
     tl.store(
         DQ + bh.to(tl.int64) * T * hd + offs_m[:, None] * hd + offs_d[None, :],
         dq * scale,
@@ -612,7 +645,12 @@ def relbias_attention_bwd(
     S = k.shape[2]
     if do.stride(-1) != 1:
         do = do.contiguous()
-    delta = (do.float() * out.float()).sum(-1).contiguous()  # (B, H, T)
+    exact_delta = exact_delta_for(q.dtype)
+    if exact_delta:  # the dq kernel (launched first) writes both from its own p and dp
+        delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+        norm = torch.empty_like(delta)  # 1 / sum_j p_ij per row
+    else:
+        delta = norm = (do.float() * out.float()).sum(-1).contiguous()  # (B, H, T)
     dq = torch.empty((B, H, T, hd), dtype=torch.float32, device=q.device)
     dk = torch.empty((B, H, S, hd), dtype=torch.float32, device=q.device)
     dv = torch.empty((B, H, S, hd), dtype=torch.float32, device=q.device)
@@ -628,44 +666,6 @@ def relbias_attention_bwd(
         drb = torch.zeros((B, H, T, S), dtype=torch.float32, device=q.device)
     bm, bn, bd, warps = _blocks(hd, q.device)
     common = (*rb_strides,)
-    _relbias_bwd_dkdv_kernel[(triton.cdiv(S, bn), B * H)](
-        q,
-        k,
-        v,
-        do,
-        lse,
-        delta,
-        dk,
-        dv,
-        rb,
-        g,
-        am,
-        kpm,
-        kend,
-        *q.stride()[:3],
-        *k.stride()[:3],
-        *v.stride()[:3],
-        *do.stride()[:3],
-        *common,
-        s_gb,
-        s_gh,
-        *am_strides,
-        s_kpm,
-        H,
-        T,
-        S,
-        hd,
-        scale,
-        BIAS_MODE=mode,
-        HAS_GATE=g is not None,
-        HAS_AM=am is not None,
-        HAS_KPM=kpm is not None,
-        BLOCK_M=bm,
-        BLOCK_N=bn,
-        BLOCK_D=bd,
-        PRECISION=_precision(q),
-        num_warps=warps,
-    )
     _relbias_bwd_dq_kernel[(triton.cdiv(T, bm), B * H)](
         q,
         k,
@@ -673,6 +673,7 @@ def relbias_attention_bwd(
         do,
         lse,
         delta,
+        norm,
         dq,
         dgate,
         drb,
@@ -705,6 +706,47 @@ def relbias_attention_bwd(
         BLOCK_N=bn,
         BLOCK_D=bd,
         PRECISION=_precision(q),
+        EXACT_DELTA=exact_delta,
+        num_warps=warps,
+    )
+    _relbias_bwd_dkdv_kernel[(triton.cdiv(S, bn), B * H)](
+        q,
+        k,
+        v,
+        do,
+        lse,
+        delta,
+        norm,
+        dk,
+        dv,
+        rb,
+        g,
+        am,
+        kpm,
+        kend,
+        *q.stride()[:3],
+        *k.stride()[:3],
+        *v.stride()[:3],
+        *do.stride()[:3],
+        *common,
+        s_gb,
+        s_gh,
+        *am_strides,
+        s_kpm,
+        H,
+        T,
+        S,
+        hd,
+        scale,
+        BIAS_MODE=mode,
+        HAS_GATE=g is not None,
+        HAS_AM=am is not None,
+        HAS_KPM=kpm is not None,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_D=bd,
+        PRECISION=_precision(q),
+        EXACT_DELTA=exact_delta,
         num_warps=warps,
     )
     if dgate is not None:

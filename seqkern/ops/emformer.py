@@ -610,7 +610,36 @@ def _segment_triton_fwd(streams, cfg, key_lengths, past_length, dropout_p, train
     out, _ = _SegmentAttention.apply(
         cfg, key_lengths, past_length, *(streams[name] for name in _STREAMS)
     )
-    return out
+    return _upstream_nan_pattern(out, streams, cfg, past_length)
+
+
+def _upstream_nan_pattern(out: Tensor, streams, cfg, past_length: Tensor | None) -> Tensor:
+    """Upstream multiplies the probabilities by every value row in one dense product, so a NaN
+    or Inf in value column c (of any key row it includes, masked or not) reaches column c of
+    every query row, as 0 * NaN or 0 * Inf. The kernel skips key tiles a query block cannot see,
+    so it leaves such rows finite: set them NaN here, where upstream has NaN. Rows the kernel
+    did compute already agree (the same products). One pass over the values and the output, no
+    host sync."""
+    infer = streams["k_lc"] is not None
+    mem_valid = lc_valid = None
+    if infer and past_length is not None:
+        mem_valid, lc_valid = valid_state_rows(
+            past_length, _rows(streams["v_mem"]), _rows(streams["v_lc"]), cfg["segment_length"]
+        )
+    bad = None
+    for kind, valid in (("mem", mem_valid), ("rc", None), ("lc", lc_valid), ("utt", None)):
+        v = streams["v_" + kind]
+        if v is None or v.size(0) == 0:
+            continue
+        nonfinite = ~torch.isfinite(v)
+        if valid is not None:  # right-aligned buffers: only the last `valid` rows are keys
+            row = torch.arange(v.size(0), device=v.device)
+            nonfinite = nonfinite & (row >= v.size(0) - valid)[:, None, None]
+        column = nonfinite.any(0)  # (B, D)
+        bad = column if bad is None else bad | column
+    if bad is None:
+        return out
+    return torch.where(bad & torch.isfinite(out), torch.nan, out)
 
 
 def _segment_triton_bwd(*args):  # the autograd.Function above runs the backward kernels

@@ -360,20 +360,25 @@ def _supports_triton(
         return "attention dropout is not implemented in the Triton kernel yet"
     if q.shape[-1] > 128:
         return f"head dim {q.shape[-1]} > 128"
-    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
-        return "the last dim of q, k and v must be contiguous"
     return None
+
+
+def _unit_last(*ts: Tensor) -> tuple[Tensor, ...]:
+    """The kernels read rows with a unit stride: copy only a tensor whose last dim is strided."""
+    return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in ts)
 
 
 def _triton_fwd(q, k, v, scale, rel_bias, bias, gate, attn_mask, key_padding_mask):
     from seqkern._triton.relbias import relbias_attention_fwd
 
+    q, k, v = _unit_last(q, k, v)
     return relbias_attention_fwd(q, k, v, scale, rel_bias, bias, gate, attn_mask, key_padding_mask)
 
 
 def _triton_bwd(do, q, k, v, out, lse, scale, rel_bias, bias, gate, attn_mask, kpm, bias_grad):
     from seqkern._triton.relbias import relbias_attention_bwd
 
+    do, q, k, v, out = _unit_last(do, q, k, v, out)
     return relbias_attention_bwd(
         do, q, k, v, out, lse, scale, rel_bias, bias, gate, attn_mask, kpm, bias_grad
     )

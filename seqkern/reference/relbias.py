@@ -75,28 +75,37 @@ def relbias_attention_ref(
         need_weights: also return the probabilities (before dropout).
     Returns:
         out (B, H, T, hd), and probs (B, H, T, S) or None. A query row whose keys are all
-        padding gives 0 and zero probabilities (upstream gives NaN).
+        padding gives 0 and zero probabilities, and a NaN in a padded key counts for nothing
+        (upstream gives NaN for both).
     """
     if rel_bias is not None:
         if bias is not None:
             raise ValueError("give bias or rel_bias, not both")
         bias = expand_rel_bias(rel_bias, q.shape[-2], k.shape[-2])
     logits = torch.matmul(q * (scale / ALPHA), k.transpose(-1, -2))
-    # the softmax does not depend on the shift, so no gradient flows through the max (detached:
-    # amax's backward would spread 0 / 0 = NaN over a NaN row that sees no key)
-    logits = (logits - logits.amax(dim=-1, keepdim=True).detach()) * ALPHA
-    if attn_mask is not None:
-        logits = logits + attn_mask
     padded = None
     if key_padding_mask is not None:
         padded = key_padding_mask.to(torch.bool)[:, None, None, :]
+    # the softmax does not depend on the shift, so no gradient flows through the max (detached:
+    # amax's backward would spread 0 / 0 = NaN over a NaN row that sees no key). Upstream takes
+    # it over padded keys too, so a NaN in a padded frame turns the whole row NaN; seqkern takes
+    # it over the keys a row sees (0 where it sees none): padding's values never count.
+    shift = logits if padded is None else logits.masked_fill(padded, float("-inf"))
+    shift = shift.amax(dim=-1, keepdim=True).detach()
+    shift = shift.masked_fill(torch.isneginf(shift), 0.0)
+    logits = (logits - shift) * ALPHA
+    if attn_mask is not None:
+        logits = logits + attn_mask
+    if padded is not None:
         logits = logits.masked_fill(padded, float("-inf"))
     if bias is not None:
         logits = logits + (bias if gate is None else gate * bias)
     # rows that see no key (all keys padding, or attn_mask -inf on all of them) give 0, with
     # zero gradients (upstream gives NaN); NaN logits stay NaN
-    dead = torch.isneginf(logits).all(dim=-1, keepdim=True)
-    probs = torch.softmax(logits.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
+    # hidden logits get probability 0 even in a NaN row, so padding passes no gradient
+    hidden = torch.isneginf(logits)
+    dead = hidden.all(dim=-1, keepdim=True)
+    probs = torch.softmax(logits.masked_fill(dead, 0.0), dim=-1).masked_fill(hidden, 0.0)
     dropped = torch.nn.functional.dropout(probs, p=dropout_p) if dropout_p > 0 else probs
     out = torch.matmul(dropped, v)
     return out, (probs if need_weights else None)
@@ -134,9 +143,14 @@ def relbias_attention_fwd_ref(
     rows that see no key)."""
     acc = _stats_dtype(q)
     logits, _ = _stage_logits(q, k, scale, rel_bias, bias, gate, attn_mask, key_padding_mask, acc)
-    lse = torch.logsumexp(logits, dim=-1)
-    lse = torch.where(torch.isneginf(lse), math.inf, lse)  # empty rows: probabilities 0
-    out = torch.matmul(torch.exp(logits - lse.unsqueeze(-1)), v.to(acc))
+    # softmax as exp(logits - max) / sum, not exp(logits - lse): lse's rounding (ulp(lse), large
+    # when the softmax saturates) would scale the whole row
+    m = logits.amax(dim=-1, keepdim=True)
+    m = m.masked_fill(torch.isneginf(m), 0.0)  # rows that see no key: p = 0, l = 0
+    p = torch.exp(logits - m)
+    l = p.sum(dim=-1, keepdim=True)
+    out = torch.matmul(p, v.to(acc)) / l.masked_fill(l == 0, 1.0)
+    lse = torch.where(l == 0, math.inf, m + torch.log(l)).squeeze(-1)  # empty rows: +inf
     return out.to(q.dtype), lse
 
 
@@ -172,7 +186,7 @@ def relbias_attention_bwd_ref(
     )
     hidden = torch.isneginf(logits)
     dead = hidden.all(dim=-1, keepdim=True)  # rows that see no key: P = 0
-    p = torch.softmax(logits.masked_fill(dead, 0.0), dim=-1).masked_fill_(dead, 0.0)
+    p = torch.softmax(logits.masked_fill(dead, 0.0), dim=-1).masked_fill_(hidden, 0.0)
     do = dout.to(acc)
     dv = torch.matmul(p.transpose(-1, -2), do)
     dp = torch.matmul(do, v.to(acc).transpose(-1, -2))

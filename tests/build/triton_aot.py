@@ -61,6 +61,7 @@ def _relbias_variants():
             types.update(
                 LSE="*fp32",
                 DELTA="*fp32",
+                NORM="*fp32",
                 DK="*fp32",
                 DV="*fp32",
                 DQ="*fp32",
@@ -91,8 +92,9 @@ def _relbias_variants():
                 const.update(AM=None, KPM=None, KEND=None)
             tag = f"{dt}-mode{mode}-gate{gate}-masks{masks}"
             yield (f"relbias_fwd-{tag}", R._relbias_fwd_kernel, types, const)
-            yield (f"relbias_bwd_dkdv-{tag}", R._relbias_bwd_dkdv_kernel, types, const)
-            dq_const = dict(const, BIAS_GRAD=mode != R.BIAS_NONE)
+            bwd_const = dict(const, EXACT_DELTA=dt == "fp32")
+            yield (f"relbias_bwd_dkdv-{tag}", R._relbias_bwd_dkdv_kernel, types, bwd_const)
+            dq_const = dict(bwd_const, BIAS_GRAD=mode != R.BIAS_NONE)
             if not gate:
                 dq_const["DG"] = None
             if mode == R.BIAS_NONE:

@@ -10,6 +10,7 @@ every parameter; streaming `infer` segment by segment (outputs and every state t
 """
 
 import copy
+import math
 
 import pytest
 import torch
@@ -170,6 +171,43 @@ def test_op_reference_equals_kernel_on_streams():
     with pytest.raises(ValueError, match="past_length is for infer"):
         training = {**st, "k_mem": None, "k_lc": None, "v_mem": None, "v_lc": None}
         ops.emformer_segment_attention(*training.values(), **kw)
+
+
+@pytest.mark.parametrize("infer", [False, True], ids=["training", "infer"])
+@pytest.mark.parametrize("where", ["v_utt", "v_mem", "k_utt", "q_utt"])
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_nonfinite_pattern_equals_the_reference(infer, where, value):
+    """A NaN or Inf in one frame gives the same NaN/Inf entries on both backends (upstream's:
+    the dense probabilities-times-values product carries a value's 0 * NaN to every query row,
+    while a query or key reaches only the logits it is in), and finite entries agree. Training
+    mode has 4 segments, so the kernel skips key tiles; infer mode also has a poisoned memory
+    row that past_length leaves out."""
+    U = 16 if not infer else S
+    gen = torch.Generator().manual_seed(21)
+
+    def rnd(rows):
+        return torch.randn(rows, 2, D, generator=gen)
+
+    if infer:
+        st = dict(q_rc=rnd(1), q_utt=rnd(U), q_sum=rnd(1), k_mem=rnd(3), k_rc=rnd(1))
+        st.update(k_lc=rnd(5), k_utt=rnd(U), v_mem=rnd(3), v_rc=rnd(1), v_lc=rnd(5), v_utt=rnd(U))
+        kw = dict(past_length=torch.tensor([[6, 6]], dtype=torch.int32))  # 2 of 3 memory rows
+        st["v_mem"][0, 1, 3] = math.nan  # outside the valid rows: no key
+    else:
+        st = dict(q_rc=rnd(4), q_utt=rnd(U), q_sum=rnd(4), k_mem=rnd(3), k_rc=rnd(4), k_lc=None)
+        st.update(k_utt=rnd(U), v_mem=rnd(3), v_rc=rnd(4), v_lc=None, v_utt=rnd(U))
+        kw = {}
+    st[where][-1, 0, 5] = value  # a frame of the last segment (training: past the first tile)
+    kw.update(num_heads=H, segment_length=S, right_context=1, left_context=0, max_memory=3)
+    outs = {}
+    for backend in ("reference", "triton"):
+        with backends.use_backend(backend):
+            outs[backend] = ops.emformer_segment_attention(*st.values(), **kw)
+    got, want = outs["triton"], outs["reference"]
+    assert not want.isfinite().all()
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+    finite = want.isfinite()
+    torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-5)
 
 
 def _op_args(infer: bool, seed: int = 5):

@@ -12,7 +12,7 @@ import torch
 from seqkern import BackendError, use_backend
 from seqkern.ops.relbias import relbias_attention
 from seqkern.reference.relbias import relbias_attention_ref
-from seqkern.testing import assert_close_to_oracle
+from seqkern.testing import assert_close_to_oracle, assert_poisoned_grad_close_to_oracle
 
 # (B, H, T, S, hd, bias form, gate, attn_mask, padding)
 CPU_CASES = [
@@ -161,6 +161,72 @@ def test_rows_without_keys_on_the_reference_path(path):
     if probs is not None:
         assert not probs[1].any() and not probs[0, :, 2].any()
     assert all(bool(torch.isfinite(g).all()) for g in grads)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("S,spread", [(1, 1.0), (13, 40.0)], ids=["one_key", "saturated"])
+def test_row_gradients_sum_to_zero(backend, S, spread):
+    """With one key dS is exactly 0, and with logits in the hundreds the softmax saturates:
+    the gate's and the bias's gradients are sums of dS and must not pick up delta = do . out's
+    rounding (fp32, the rule's bound is near the reference's own error)."""
+    gen = torch.Generator().manual_seed(5)
+    B, H, T, hd = 2, 2, 7, 64
+    q64 = torch.randn(B, H, T, hd, generator=gen, dtype=torch.float64) * spread
+    k64 = torch.randn(B, H, S, hd, generator=gen, dtype=torch.float64)
+    v64 = torch.randn(B, H, S, hd, generator=gen, dtype=torch.float64) * 30
+    rel64 = torch.randn(H, T + S - 1, generator=gen, dtype=torch.float64) * 10
+    gate64 = torch.rand(B, H, T, 1, generator=gen, dtype=torch.float64)
+    dout64 = torch.randn(B, H, T, hd, generator=gen, dtype=torch.float64)
+
+    def run(dt, op):
+        leaves = [t.to(dt).requires_grad_() for t in (q64, k64, v64, rel64, gate64)]
+        out, _ = op(*leaves[:3], hd**-0.5, rel_bias=leaves[3], gate=leaves[4])
+        return [out, *torch.autograd.grad(out, leaves, dout64.to(dt))]
+
+    with use_backend(backend):
+        got = run(torch.float32, relbias_attention)
+    oracle = run(torch.float64, relbias_attention_ref)
+    ref = run(torch.float32, relbias_attention_ref)
+    names = ["out", "dq", "dk", "dv", "drel", "dgate"]
+    for name, g, o, r in zip(names, got, oracle, ref, strict=True):
+        assert_close_to_oracle(g, o, r, name=name)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_strided_inputs_and_nan_rows(backend):
+    """q, k and v with a strided last dim are read by value (the kernel copies them, it does not
+    decline); a NaN query row gives NaN in that row's output and dq, and in dk and dv only where
+    the oracle has it (hidden logits pass no gradient, so only dS^T q's 0 * NaN reaches them);
+    a NaN in a padded key counts for nothing."""
+    gen = torch.Generator().manual_seed(11)
+    B, H, T, S, hd = 2, 2, 7, 9, 16
+    q64, k64, v64 = (
+        torch.randn(B, H, L, 2 * hd, generator=gen, dtype=torch.float64) for L in (T, S, S)
+    )
+    q64[0, 1, 3, 4] = math.nan  # one query row
+    k64[1, 0, 2, 6] = math.nan  # a padded key of sample 1
+    rel64 = torch.randn(H, T + S - 1, generator=gen, dtype=torch.float64)
+    gate64 = torch.rand(B, H, T, 1, generator=gen, dtype=torch.float64)
+    kpm = torch.zeros(B, S, dtype=torch.bool)
+    kpm[:, 2] = True
+    kpm[0, 5] = True
+    dout64 = torch.randn(B, H, T, hd, generator=gen, dtype=torch.float64)
+
+    def run(dt, op):
+        leaves = [t.to(dt).requires_grad_() for t in (q64, k64, v64, rel64, gate64)]
+        q, k, v = (t[..., ::2] for t in leaves[:3])
+        out, _ = op(q, k, v, hd**-0.5, rel_bias=leaves[3], gate=leaves[4], key_padding_mask=kpm)
+        return [out, *torch.autograd.grad(out, leaves, dout64.to(dt))]
+
+    with use_backend(backend):
+        got = run(torch.float32, relbias_attention)
+    oracle = run(torch.float64, relbias_attention_ref)
+    assert oracle[0][0, 1, 3].isnan().all() and not oracle[0][1].isnan().any()
+    assert not oracle[2][1].isnan().any()  # the NaN in a padded key reaches nothing
+    ref = run(torch.float32, relbias_attention_ref)
+    assert_close_to_oracle(got[0], oracle[0], ref[0], name="out")
+    for name, g, o, r in zip(["dq", "dk", "dv", "drel", "dgate"], got[1:], oracle[1:], ref[1:]):
+        assert_poisoned_grad_close_to_oracle(g, o, r, name=name)
 
 
 @pytest.mark.parametrize(
