@@ -999,6 +999,17 @@ class _EmformerBase(SequenceModule):
         blocks.append(x[x.size(0) - r :])
         return torch.cat(blocks)
 
+    # Upstream's helper names and signatures: torchaudio's own models call them
+    # (EmformerHuBERT.extract_features runs the layers itself from these two).
+
+    def _gen_right_context(self, input: Tensor) -> Tensor:
+        """input (U + R, B, D), time-major -> the right-context blocks (n*R, B, D)."""
+        return self._right_context(input)
+
+    def _gen_attention_mask(self, input: Tensor) -> Tensor:
+        """input: the utterance (U, B, D), time-major -> the dense (Q, K) bool mask."""
+        return self._attention_mask(input.size(0), input.device)
+
     def _attention_mask(self, num_frames: int, device: torch.device) -> Tensor:
         """(Q, K) bool, True = masked, for U = num_frames, n = ceil(U / s) segments.
 

@@ -399,3 +399,29 @@ def test_is_a_sequence_module():
     model = sk.Emformer(D, 3, 16, 1, 4)
     assert isinstance(model, SequenceModule)
     assert model.d_model == model.d_output == D
+
+
+@pytest.mark.parametrize("conv, kwargs", CONFIGS[:1])
+def test_helpers_torchaudio_models_call(torchaudio_upstream, conv, kwargs):
+    """torchaudio's EmformerHuBERT.extract_features calls `_gen_right_context` and
+    `_gen_attention_mask` and then each layer with the dense mask: the same sequence on
+    seqkern's module gives upstream's per-layer outputs."""
+    ref, ours = _pair(torchaudio_upstream, conv, kwargs)
+    r = kwargs["right_context_length"]
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(13 + r, 2, D, generator=gen, dtype=torch.float64)  # time-major
+    lengths = torch.tensor([13, 10])
+
+    def layer_outputs(model):
+        right_context = model._gen_right_context(x)
+        utterance = x[: x.size(0) - model.right_context_length]
+        mask = model._gen_attention_mask(utterance)
+        mems = model.memory_op(utterance.permute(1, 2, 0)).permute(2, 0, 1)[:-1]
+        outs, output = [], utterance
+        for layer in model.emformer_layers:
+            output, right_context, mems = layer(output, lengths, right_context, mems, mask)
+            outs.append(output)
+        return [model._gen_right_context(x), mask, *outs]
+
+    for want, got in zip(layer_outputs(ref), layer_outputs(ours), strict=True):
+        torch.testing.assert_close(got, want, **TOL[torch.float64])
