@@ -48,7 +48,32 @@ def linear_rows(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor
         >>> lin = torch.nn.Linear(256, 1024)
         >>> y = linear_rows(torch.randn(4, 256), lin.weight, lin.bias)  # (4, 1024)
     """
+    _check(x, weight, bias)
     return backends.select(OP, x, weight, bias).fwd(x, weight, bias)
+
+
+def _check(x, weight, bias) -> None:
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if t is None and name == "bias":
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"linear_rows: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise ValueError(f"linear_rows: {name} must be floating point, got {t.dtype}")
+        if t.dtype != x.dtype or t.device != x.device:
+            raise ValueError(
+                f"linear_rows: {name} must have x's dtype and device ({x.dtype}, {x.device}), "
+                f"got ({t.dtype}, {t.device})"
+            )
+    if x.dim() < 1 or weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"linear_rows: weight must be (N, K) for x (..., K), got x {tuple(x.shape)} and "
+            f"weight {tuple(weight.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(
+            f"linear_rows: bias must be (N,) = ({weight.shape[0]},), got {tuple(bias.shape)}"
+        )
 
 
 backends.register_reference(OP, _linear_ref)

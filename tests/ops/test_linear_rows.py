@@ -67,9 +67,20 @@ def test_auto_falls_back_with_gradients():
     assert x.grad is not None and lin.weight.grad is not None
 
 
-def test_bad_shapes_raise():
-    with torch.no_grad(), use_backend("cpu"):
-        with pytest.raises(RuntimeError, match="weight must be"):
-            linear_rows(torch.randn(2, 8), torch.randn(4, 9))
-        with pytest.raises(RuntimeError, match="bias"):
-            linear_rows(torch.randn(2, 8), torch.randn(4, 8), torch.randn(5))
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize(
+    "args,error,match",
+    [
+        ((torch.randn(2, 8), torch.randn(4, 9)), ValueError, "weight must be"),
+        ((torch.randn(2, 8), torch.randn(4, 8), torch.randn(5)), ValueError, "bias must be"),
+        ((torch.randn(2, 8), torch.randn(8)), ValueError, "weight must be"),
+        ((torch.ones(2, 8, dtype=torch.long),) * 2, ValueError, "x must be floating"),
+        ((torch.randn(2, 8), torch.randn(4, 8).double()), ValueError, "weight must have x's"),
+        ((torch.randn(2, 8), [[1.0] * 8]), TypeError, "weight must be a torch.Tensor"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(args, error, match, backend):
+    """On every backend (the reference would raise torch's own shape error, or compute int64
+    silently), before dispatch."""
+    with torch.no_grad(), use_backend(backend), pytest.raises(error, match=match):
+        linear_rows(*args)
