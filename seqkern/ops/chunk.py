@@ -122,7 +122,16 @@ def _reference_bwd(
 # torch.library ops. An absent gradient is an empty tensor.
 
 
+def _empty(q: Tensor, k: Tensor) -> bool:
+    """No query, no key or no batch: nothing for a kernel to do. Every row sees no key: out 0,
+    lse +inf, gradients 0."""
+    return q.numel() == 0 or k.shape[1] == 0
+
+
 def _fwd_impl(q, k, v, bias, key_padding_mask, chunk_size, causal, scaling):
+    if _empty(q, k):
+        out, lse = _fwd_fake(q, k, v, bias, key_padding_mask, chunk_size, causal, scaling)
+        return out.zero_(), lse.fill_(math.inf)
     kernel = backends.select(OP, q, k, v, bias, 0.0, False)
     return tuple(kernel.fwd(q, k, v, bias, key_padding_mask, chunk_size, causal, scaling))
 
@@ -134,6 +143,9 @@ def _fwd_fake(q, k, v, bias, key_padding_mask, chunk_size, causal, scaling):
 
 
 def _bwd_impl(dout, q, k, v, out, lse, bias, kpm, chunk_size, causal, scaling, bias_grad):
+    if _empty(q, k):
+        fake = _bwd_fake(dout, q, k, v, out, lse, bias, kpm, chunk_size, causal, scaling, bias_grad)
+        return tuple(g.zero_() for g in fake)
     kernel = backends.select(OP, q, k, v, bias, 0.0, False)
     dq, dk, dv, dbias = kernel.bwd(
         dout, q, k, v, out, lse, bias, kpm, chunk_size, causal, scaling, bias_grad
@@ -194,6 +206,12 @@ def _check(q, k, v, bias, key_padding_mask, chunk_size, dropout_p) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 3:
             raise ValueError(f"chunk_attention: {name} must be 3-D (B, L, ·), got {tuple(t.shape)}")
+        if t.dtype != q.dtype:
+            raise ValueError(
+                f"chunk_attention: {name} must have q's dtype {q.dtype}, got {t.dtype}"
+            )
+    if q.shape[2] == 0:
+        raise ValueError("chunk_attention: the q/k size K must be at least 1, got 0")
     b, lq, dk = q.shape
     lk = k.shape[1]
     if k.shape[0] != b or k.shape[2] != dk:

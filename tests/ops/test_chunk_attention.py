@@ -311,6 +311,31 @@ def test_bad_inputs_raise_clear_errors(bias_shape, kwargs, match):
         chunk_attention(q, q, q, torch.zeros(bias_shape), **kwargs)
 
 
+def test_bad_tensors_raise_clear_errors():
+    q = torch.randn(2, 6, 4)
+    with pytest.raises(ValueError, match="k must have q's dtype"):
+        chunk_attention(q, q.double(), q, torch.zeros(6, 6))
+    with pytest.raises(ValueError, match="K must be at least 1"):
+        chunk_attention(q[..., :0], q[..., :0], q, torch.zeros(6, 6))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", "cpu"])
+@pytest.mark.parametrize("B,Lq,Lk", [(2, 0, 0), (0, 5, 5), (2, 3, 0)])
+def test_empty_sequences(backend, B, Lq, Lk):
+    """No query, no key or no batch: out 0 of the right shape, gradients 0 (the reference
+    used to fail in a reshape)."""
+    q = torch.randn(B, Lq, 4, requires_grad=True)
+    k = torch.randn(B, Lk, 4, requires_grad=True)
+    v = torch.randn(B, Lk, 6, requires_grad=True)
+    bias = torch.zeros(Lq, Lk, requires_grad=True)
+    with use_backend(backend):
+        out = chunk_attention(q, k, v, bias, causal=False)
+        grads = torch.autograd.grad(out.sum(), (q, k, v, bias), allow_unused=True)
+    assert out.shape == (B, Lq, 6) and not out.any()
+    for g, t in zip(grads, (q, k, v, bias), strict=True):
+        assert g is None or (g.shape == t.shape and not g.any())
+
+
 OPCHECK_CASES = [
     Case(2, 10, 10, 16, 24, 5, True, "rel", "chunk", "strided"),
     Case(2, 9, 9, 8, 20, -1, True, "dense", "ragged"),
