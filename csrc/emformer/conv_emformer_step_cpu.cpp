@@ -17,7 +17,8 @@
 //   f0     = x + 0.5 FFN0(x),  FFN(z) = W2 act(W1 LN(z) + b1) + b2
 //   n      = LN_in(f0) = [n_rc ; n_utt ; n_sum]
 //   q      = Wq n + bq ;  [k ; v] = Wkv [mem ; n_rc ; n_utt] + bkv
-//   keys   = [k_mem ; k_rc ; lc_key ; k_utt] (values likewise), mem and lc the valid state rows
+//   keys   = [k_mem ; k_rc ; k_utt[:a] ; lc_key ; k_utt[a:]] (values likewise), mem and lc the
+//            valid state rows, a = U - max(lengths) (0 unless every row is partial)
 //   a      = softmax_fp32(mask(q k^T / sqrt(hd))) v, masked logits = negative_inf: the summary
 //            row does not see memory; for B > 1, key j of batch b is masked from
 //            lengths[b] + Tk - max(lengths) on (upstream's padding rule)
@@ -27,7 +28,8 @@
 //            the (k - 1)-frame cache; the right context after the last k - 1 frames of
 //            [cache ; z_utt]
 //   c      = Wpost act(LN(conv)) + bpost + r ;  y = LN_out(c + 0.5 FFN1(c))
-// State: memory <- last M of [memory ; mems_in], lc <- last LC of [lc ; lc_valid ; k_utt],
+// State: memory <- last M of [memory ; mems_in],
+// lc <- last LC of [lc ; k_utt[:a] ; lc_valid ; k_utt[a:]],
 // conv cache <- last k - 1 frames of [cache ; z_utt], past_length += U.
 #include <ATen/ATen.h>
 #include <torch/extension.h>
@@ -281,8 +283,12 @@ std::vector<at::Tensor> conv_emformer_step_cpu(
   const auto f0 = ffn_residual(X, 0, eps[0]);
   const auto n = ln(f0, 6, eps[1]);
 
-  // attention over [mem ; rc ; lc ; utt]
+  // attention over [mem ; rc ; utt[:a] ; lc ; utt[a:]]: upstream inserts the left context
+  // after M + R' keys, R' = R + U - max(lengths), so a = U - max(lengths) (0 for a full segment;
+  // a segment where every row is partial moves it, and with it the keys the state keeps)
   const int64_t Tk = mem_rows + R + lc_rows + U;
+  const int64_t a =
+      std::clamp<int64_t>(U - lengths.max().item<int64_t>(), int64_t{0}, U);
   const auto q = linear(n, W[8], W[9]);
   auto kv_in = n.narrow(0, 0, (R + U) * B);
   if (mem_rows) {
@@ -291,12 +297,14 @@ std::vector<at::Tensor> conv_emformer_step_cpu(
   const auto kv = linear(kv_in, W[10], W[11]).view({mem_rows + R + U, B, 2 * D});
   auto keys = at::empty({Tk, B, D}, opts), values = at::empty({Tk, B, D}, opts);
   const int64_t front = mem_rows + R;
-  keys.narrow(0, 0, front).copy_(kv.narrow(0, 0, front).narrow(2, 0, D));
-  values.narrow(0, 0, front).copy_(kv.narrow(0, 0, front).narrow(2, D, D));
-  keys.narrow(0, front, lc_rows).copy_(lc_key.narrow(0, lc_cap - lc_rows, lc_rows));
-  values.narrow(0, front, lc_rows).copy_(lc_val.narrow(0, lc_cap - lc_rows, lc_rows));
-  keys.narrow(0, front + lc_rows, U).copy_(kv.narrow(0, front, U).narrow(2, 0, D));
-  values.narrow(0, front + lc_rows, U).copy_(kv.narrow(0, front, U).narrow(2, D, D));
+  auto place = [&](at::Tensor& dst, const at::Tensor& fresh, const at::Tensor& lc) {
+    const int64_t split = front + a;  // fresh: the (M + R + U, B, D) projected rows
+    dst.narrow(0, 0, split).copy_(fresh.narrow(0, 0, split));
+    dst.narrow(0, split, lc_rows).copy_(lc.narrow(0, lc_cap - lc_rows, lc_rows));
+    dst.narrow(0, split + lc_rows, U - a).copy_(fresh.narrow(0, split, U - a));
+  };
+  place(keys, kv.narrow(2, 0, D), lc_key);
+  place(values, kv.narrow(2, D, D), lc_val);
 
   const int64_t H = num_heads, hd = D / H;
   const double scaling = 1.0 / std::sqrt(static_cast<double>(hd));
