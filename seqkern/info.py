@@ -147,6 +147,8 @@ def report() -> str:
         f"backend setting: {', '.join(backends.allowed_backends() or ('auto',))}"
         f"  (SEQKERN_BACKEND={os.environ.get('SEQKERN_BACKEND', '') or 'unset'}, "
         f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '') or 'unset'})",
+        "TorchScript: Emformer and ConvEmformer script (alone and inside torchaudio models); a "
+        "scripted module runs the reference path (upstream's arithmetic, no seqkern kernels)",
         "",
     ]
     lines += ["CPU code per op on this machine:"]

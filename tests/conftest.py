@@ -71,7 +71,7 @@ def _load_torchaudio_sources() -> None:
     The package objects are stand-ins whose __path__ points at the unpacked sources, so the
     compiled library (built for torch 2.8) is never loaded.
     """
-    if "torchaudio.models.rnnt" in sys.modules:
+    if "torchaudio.prototype.models._emformer_hubert" in sys.modules:
         return
     pkg_root = TORCHAUDIO_DIR / "torchaudio"
     for name in (
@@ -91,12 +91,23 @@ def _load_torchaudio_sources() -> None:
         "torchaudio.models.emformer",
         "torchaudio.prototype.models.conv_emformer",
         "torchaudio.models.rnnt",  # imports Emformer from the package: set just before
+        "torchaudio.models.rnnt_decoder",  # imports RNNT from the package
+        "torchaudio.models.wav2vec2",  # a package (pure Python)
+        "torchaudio.prototype.models._emformer_hubert",  # imports Wav2Vec2Model
     ):
+        models = sys.modules["torchaudio.models"]
         if name == "torchaudio.models.rnnt":
-            emformer = sys.modules["torchaudio.models.emformer"]
-            sys.modules["torchaudio.models"].Emformer = emformer.Emformer
-        path = pkg_root.joinpath(*name.split(".")[1:]).with_suffix(".py")
-        spec = importlib.util.spec_from_file_location(name, path)
+            models.Emformer = sys.modules["torchaudio.models.emformer"].Emformer
+        if name == "torchaudio.models.rnnt_decoder":
+            models.RNNT = sys.modules["torchaudio.models.rnnt"].RNNT
+        if name == "torchaudio.prototype.models._emformer_hubert":
+            models.Wav2Vec2Model = sys.modules["torchaudio.models.wav2vec2"].Wav2Vec2Model
+        path = pkg_root.joinpath(*name.split(".")[1:])
+        package = path.is_dir()
+        path = path / "__init__.py" if package else path.with_suffix(".py")
+        spec = importlib.util.spec_from_file_location(
+            name, path, submodule_search_locations=[str(path.parent)] if package else None
+        )
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
@@ -106,7 +117,8 @@ def _load_torchaudio_sources() -> None:
 
 @pytest.fixture(scope="session")
 def torchaudio_upstream():
-    """Namespace with torchaudio 2.8.0's Emformer and ConvEmformer modules."""
+    """Namespace with torchaudio 2.8.0's Emformer, ConvEmformer, Emformer RNN-T (with
+    RNNTBeamSearch) and EmformerHuBERT modules."""
     if not (TORCHAUDIO_DIR / "torchaudio" / "models" / "emformer.py").exists():
         _missing(f"torchaudio 2.8.0 sources ({TORCHAUDIO_DIR})")
     _load_torchaudio_sources()
@@ -114,6 +126,8 @@ def torchaudio_upstream():
         emformer=sys.modules["torchaudio.models.emformer"],
         conv_emformer=sys.modules["torchaudio.prototype.models.conv_emformer"],
         rnnt=sys.modules["torchaudio.models.rnnt"],
+        rnnt_decoder=sys.modules["torchaudio.models.rnnt_decoder"],
+        emformer_hubert=sys.modules["torchaudio.prototype.models._emformer_hubert"],
     )
 
 

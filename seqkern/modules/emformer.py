@@ -21,9 +21,12 @@ Differences from upstream (all where upstream has no defined behaviour or would 
   * ConvEmformer with kernel_size=1 keeps an empty conv cache (upstream keeps the whole
     segment and crashes on the next `infer`).
   * No deprecation warnings; bad inputs raise ValueError naming the argument.
-"""
 
-from __future__ import annotations
+TorchScript: `torch.jit.script` works on Emformer and ConvEmformer (forward and infer) and on
+torchaudio models holding them, as upstream. A scripted module runs the reference path, i.e.
+upstream's arithmetic (no backend dispatch, no fused C++ step, no input checks beyond
+upstream's): `torch.jit.is_scripting()` selects it, the eager-only code is `torch.jit.unused`.
+"""
 
 import math
 
@@ -35,6 +38,7 @@ from seqkern import _ext, backends
 from seqkern.modules.sequence import SequenceModule
 from seqkern.ops import emformer as emformer_ops
 from seqkern.ops.emformer_conv import emformer_segment_conv, segment_conv_backend
+from seqkern.reference.emformer import emformer_attention_ref
 
 State = list[Tensor]
 
@@ -62,11 +66,6 @@ def _empty_like_rows(x: Tensor) -> Tensor:
     # Upstream uses a 1-D empty tensor for "no summary / no memory"; torch.cat accepts it next
     # to (T, B, D) tensors, and its dtype takes part in type promotion exactly as upstream.
     return torch.empty(0, dtype=x.dtype, device=x.device)
-
-
-def _segment_summary(memory_op: nn.Module, x: Tensor) -> Tensor:
-    """(T, B, D) -> (ceil(T / s), B, D): the mean of each segment (a partial last one too)."""
-    return memory_op(x.permute(1, 2, 0)).permute(2, 0, 1)
 
 
 def _key_padding_mask(
@@ -141,7 +140,14 @@ class EmformerAttention(nn.Module):
         self.max_memory_size = max_memory_size
 
     def _backend(self, x: Tensor) -> str:
-        """Which backend `emformer_segment_attention` runs for activations like x."""
+        """Which backend `emformer_segment_attention` runs for activations like x (a scripted
+        module runs the reference)."""
+        if torch.jit.is_scripting():
+            return "reference"
+        return self._eager_backend(x)
+
+    @torch.jit.unused
+    def _eager_backend(self, x: Tensor) -> str:
         return emformer_ops.segment_attention_backend(
             x, self.num_heads, float(self.dropout), self.training
         )
@@ -189,6 +195,7 @@ class EmformerAttention(nn.Module):
             key_lengths = torch.ceil(key_lengths)
         return key_lengths.to(torch.int32)
 
+    @torch.jit.unused
     def _segment_forward(
         self,
         utterance: Tensor,
@@ -257,7 +264,7 @@ class EmformerAttention(nn.Module):
         # Under autocast an fp32 state promotes the keys (kept so for the state); upstream's
         # bmm then casts them to the autocast dtype, as done here
         cast = _autocast_to(query)
-        attention = emformer_ops.emformer_attention(
+        attention = _attention_core(
             query,
             key.to(query.dtype) if cast else key,
             value.to(query.dtype) if cast else value,
@@ -353,7 +360,7 @@ class EmformerAttention(nn.Module):
             lc_buf = left_context_key.size(0)
             lc_rows = min(lc_buf, past)
             mem_rows = min(mems.size(0), math.ceil(past / self._need_segments()))
-            output, new_mems, key, value = self.infer(
+            output, new_mems, key, value = self._infer_rows(
                 utterance,
                 lengths,
                 right_context,
@@ -370,6 +377,21 @@ class EmformerAttention(nn.Module):
                 keys[keys.size(0) - lc_buf :],
                 values[values.size(0) - lc_buf :],
             )
+        return self._infer_rows(
+            utterance, lengths, right_context, summary, mems, left_context_key, left_context_val
+        )
+
+    def _infer_rows(
+        self,
+        utterance: Tensor,
+        lengths: Tensor,
+        right_context: Tensor,
+        summary: Tensor,
+        mems: Tensor,
+        left_context_key: Tensor,
+        left_context_val: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """`infer` without past_length: mems / left_context_* are the valid rows."""
         num_queries = right_context.size(0) + utterance.size(0) + summary.size(0)
         num_keys = (
             right_context.size(0) + utterance.size(0) + mems.size(0) + left_context_key.size(0)
@@ -389,6 +411,7 @@ class EmformerAttention(nn.Module):
         start = mems.size(0) + right_context.size(0)
         return output, new_mems, key[start:], value[start:]
 
+    @torch.jit.unused
     def _segment_infer(
         self,
         utterance: Tensor,
@@ -446,18 +469,22 @@ class EmformerAttention(nn.Module):
         return output, new_mems, next_k, next_v
 
 
-class _StreamingLayerState:
-    """State handling shared by both layer types.
+class _SegmentMeans:
+    """For modules with upstream's `memory_op` (an AvgPool1d over segments)."""
+
+    def _segment_means(self, x: Tensor) -> Tensor:
+        """(T, B, D) -> (ceil(T / s), B, D): the mean of each segment (a partial last one too)."""
+        return self.memory_op(x.permute(1, 2, 0)).permute(2, 0, 1)
+
+
+class _StreamingLayerState(_SegmentMeans):
+    """State handling shared by both layer types (which set input_dim, left_context_length,
+    max_memory_size and segment_length).
 
     Per layer state: [memory (M_max, B, D), lc_key (LC, B, D), lc_val (LC, B, D),
     past_length (1, B) int32] (+ conv_cache (B, D, k-1) for ConvEmformer). Buffers are
     right-aligned; the initial tensors are fp32 zeros whatever the input dtype (as upstream).
     """
-
-    input_dim: int
-    left_context_length: int
-    max_memory_size: int
-    segment_length: int
 
     def _base_state(self, batch_size: int, device: torch.device | None) -> State:
         return [
@@ -569,14 +596,14 @@ class EmformerLayer(_StreamingLayerState, nn.Module):
         lengths: Tensor,
         right_context: Tensor,
         mems: Tensor,
-        attention_mask: Tensor,
+        attention_mask: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """(U, B, D), (B,), (R_tot, B, D), (n-1, B, D), mask -> (utterance, rc, memory)."""
+        """(U, B, D), (B,), (R_tot, B, D), (n-1, B, D), mask -> (utterance, rc, memory).
+
+        attention_mask None: the segment mask of the layer's layout (see EmformerAttention)."""
         ln_utt, ln_rc = self._pre_norm(utterance, right_context)
         # Emformer summarises the layer-normed utterance (ConvEmformer: the raw input).
-        summary = (
-            _segment_summary(self.memory_op, ln_utt) if self.use_mem else _empty_like_rows(ln_utt)
-        )
+        summary = self._segment_means(ln_utt) if self.use_mem else _empty_like_rows(ln_utt)
         attn_out, new_mems = self.attention(ln_utt, lengths, ln_rc, summary, mems, attention_mask)
         out_utt, out_rc = self._post_attention(attn_out, utterance, right_context)
         return out_utt, out_rc, new_mems
@@ -594,11 +621,7 @@ class EmformerLayer(_StreamingLayerState, nn.Module):
         if state is None:
             state = self.init_state(ln_utt.size(1), device=ln_utt.device)
         state = self._in_dtype(state, ln_utt.dtype)
-        summary = (
-            _segment_summary(self.memory_op, ln_utt)[:1]
-            if self.use_mem
-            else _empty_like_rows(ln_utt)
-        )
+        summary = self._segment_means(ln_utt)[:1] if self.use_mem else _empty_like_rows(ln_utt)
         attn_out, next_m, next_k, next_v = self.attention.infer(
             ln_utt, lengths, ln_rc, summary, state[0], state[1], state[2], past_length=state[3]
         )
@@ -661,7 +684,7 @@ class ConvolutionModule(nn.Module):
         total, batch, dim = z_rc.shape
         if total % rc_len != 0:
             raise ValueError("Tensor length should be divisible by its right context length")
-        blocks = []
+        blocks: list[Tensor] = []
         for i in range(total // rc_len):
             end = min(self.state_size + (i + 1) * self.segment_length, padded_utt.size(2))
             prefix = padded_utt[:, :, end - self.state_size : end]  # (B, D, k-1)
@@ -675,13 +698,40 @@ class ConvolutionModule(nn.Module):
     def _kernel_conv(self, z: Tensor, utterance_length: int) -> bool:
         """Whether the depthwise conv runs as the `emformer_segment_conv` op on a kernel (it
         reads z and the cache where they lie) rather than as the cat/stack/Conv1d code below,
-        which is the op's reference. Raises BackendError where the allowed backends exclude
-        the reference and no kernel takes z."""
+        which is the op's reference (always, in a scripted module). Raises BackendError where
+        the allowed backends exclude the reference and no kernel takes z."""
+        if torch.jit.is_scripting():
+            return False
+        return self._eager_kernel_conv(z, utterance_length)
+
+    @torch.jit.unused
+    def _eager_kernel_conv(self, z: Tensor, utterance_length: int) -> bool:
         if utterance_length == 0:
             return False
         if self.conv.weight.dtype != z.dtype and not _autocast_to(z):
             return False  # nn.Conv1d would refuse the mix too: the reference path says so
         return segment_conv_backend(z) != "reference"
+
+    @torch.jit.unused
+    def _kernel_forward(
+        self, x: Tensor, z: Tensor, rc: int, state: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """`forward` past the pre-conv block z of x = [rc, utterance] with the conv as the
+        `emformer_segment_conv` op."""
+        # under autocast the weights and the cache meet z in its (autocast) dtype, as
+        # nn.Conv1d's autocast casts would have them
+        weight, bias = self.conv.weight.to(z.dtype), self.conv.bias.to(z.dtype)
+        y = emformer_segment_conv(
+            z,
+            weight,
+            bias,
+            None if state is None else state.to(z.dtype),
+            utterance_length=x.size(0) - rc,
+            segment_length=self.segment_length,
+            right_context=self.right_context_length,
+        )
+        out = self.post_conv(y) + x
+        return out[rc:], out[:rc], self._next_cache(x, z[rc:], state)
 
     def _next_cache(self, x: Tensor, z_utt: Tensor, state: Tensor | None) -> Tensor:
         """The last k-1 frames of [cache ; utterance pre-conv rows] as (B, D, k-1), in the
@@ -703,20 +753,7 @@ class ConvolutionModule(nn.Module):
         z = self.pre_conv(x)
         rc = right_context.size(0)
         if self._kernel_conv(z, utterance.size(0)):
-            # under autocast the weights and the cache meet z in its (autocast) dtype, as
-            # nn.Conv1d's autocast casts would have them
-            weight, bias = self.conv.weight.to(z.dtype), self.conv.bias.to(z.dtype)
-            y = emformer_segment_conv(
-                z,
-                weight,
-                bias,
-                None if state is None else state.to(z.dtype),
-                utterance_length=utterance.size(0),
-                segment_length=self.segment_length,
-                right_context=self.right_context_length,
-            )
-            out = self.post_conv(y) + x
-            return out[rc:], out[:rc], self._next_cache(x, z[rc:], state)
+            return self._kernel_forward(x, z, rc, state)
         z_rc, z_utt = z[:rc], z[rc:].permute(1, 2, 0)  # z_utt: (B, D, U)
         if state is None:
             state = torch.zeros(
@@ -822,7 +859,7 @@ class ConvEmformerLayer(_StreamingLayerState, nn.Module):
     def _summary(self, utterance: Tensor) -> Tensor:
         # ConvEmformer summarises the raw layer input (Emformer: the layer-normed one).
         if self.use_mem:
-            return _segment_summary(self.memory_op, utterance)
+            return self._segment_means(utterance)
         return _empty_like_rows(utterance)
 
     def forward(
@@ -831,9 +868,11 @@ class ConvEmformerLayer(_StreamingLayerState, nn.Module):
         lengths: Tensor,
         right_context: Tensor,
         mems: Tensor,
-        attention_mask: Tensor,
+        attention_mask: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """(U, B, D), (B,), (R_tot, B, D), (n-1, B, D), mask -> (utterance, rc, memory)."""
+        """(U, B, D), (B,), (R_tot, B, D), (n-1, B, D), mask -> (utterance, rc, memory).
+
+        attention_mask None: the segment mask of the layer's layout (see EmformerAttention)."""
         f0, ln_rc, ln_utt, ln_summary = self._pre_attention(
             utterance, right_context, self._summary(utterance)
         )
@@ -845,7 +884,10 @@ class ConvEmformerLayer(_StreamingLayerState, nn.Module):
         )
         return out_utt, out_rc, new_mems
 
-    def _fused_plan(self, x: Tensor, state: State | None):
+    @torch.jit.unused
+    def _fused_plan(
+        self, x: Tensor, state: State | None
+    ) -> tuple[list[Tensor], list[float], int, int] | None:
         """The fused C++ step's arguments (weights, eps, ffn and conv activation codes) where it
         applies: float32/float64 CPU inference (no autograd, no active dropout, no tracing)
         with ReLU/GELU/SiLU activations. None where the ops must run."""
@@ -888,8 +930,15 @@ class ConvEmformerLayer(_StreamingLayerState, nn.Module):
         eps = [float(n.eps) for n in (*norms, self.layer_norm_output)]
         return weights, eps
 
+    @torch.jit.unused
     def _fused_infer(
-        self, utterance: Tensor, lengths: Tensor, right_context: Tensor, state, mems: Tensor, plan
+        self,
+        utterance: Tensor,
+        lengths: Tensor,
+        right_context: Tensor,
+        state: State | None,
+        mems: Tensor,
+        plan: tuple[list[Tensor], list[float], int, int],
     ) -> tuple[Tensor, Tensor, State, Tensor]:
         """`infer` as one C++ call (csrc/emformer/conv_emformer_step_cpu.cpp); `plan` is what
         `_fused_plan` returned."""
@@ -922,7 +971,13 @@ class ConvEmformerLayer(_StreamingLayerState, nn.Module):
         state: State | None,
         mems: Tensor,
     ) -> tuple[Tensor, Tensor, State, Tensor]:
-        """One segment: returns (utterance, rc, new layer state, memory for the next layer)."""
+        """One segment: returns (utterance, rc, new layer state, memory for the next layer).
+
+        In eager, float32/float64 CPU inference runs as one fused C++ call (`_fused_plan`)."""
+        if not torch.jit.is_scripting():
+            plan = self._fused_plan(utterance, state)
+            if plan is not None:
+                return self._fused_infer(utterance, lengths, right_context, state, mems, plan)
         summary = self._summary(utterance)[:1]
         f0, ln_rc, ln_utt, ln_summary = self._pre_attention(utterance, right_context, summary)
         if state is None:
@@ -949,9 +1004,59 @@ _ACTIVATION_CODES = {nn.ReLU: 0, nn.GELU: 1, nn.SiLU: 2}
 
 
 def _autocast_to(x: Tensor) -> bool:
-    """Whether autocast is on for x's device and x is in its lower-precision dtype."""
+    """Whether autocast is on for x's device and x is in its lower-precision dtype (False in
+    a scripted module: TorchScript has its own autocast, which casts the ops' inputs)."""
+    if torch.jit.is_scripting():
+        return False
+    return _eager_autocast_to(x)
+
+
+@torch.jit.unused
+def _eager_autocast_to(x: Tensor) -> bool:
     kind = x.device.type
     return torch.is_autocast_enabled(kind) and x.dtype == torch.get_autocast_dtype(kind)
+
+
+def _attention_core(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor,
+    key_padding_mask: Tensor | None,
+    num_heads: int,
+    negative_inf: float,
+    dropout_p: float,
+    training: bool,
+) -> Tensor:
+    """`emformer_ops.emformer_attention` (its backend dispatch) in eager; its reference when
+    scripted."""
+    if torch.jit.is_scripting():
+        return emformer_attention_ref(
+            query, key, value, attention_mask, key_padding_mask, num_heads,
+            negative_inf, dropout_p, training,
+        )  # fmt: skip
+    return _dispatched_attention(
+        query, key, value, attention_mask, key_padding_mask, num_heads,
+        negative_inf, dropout_p, training,
+    )  # fmt: skip
+
+
+@torch.jit.unused
+def _dispatched_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor,
+    key_padding_mask: Tensor | None,
+    num_heads: int,
+    negative_inf: float,
+    dropout_p: float,
+    training: bool,
+) -> Tensor:
+    return emformer_ops.emformer_attention(
+        query, key, value, attention_mask, key_padding_mask, num_heads,
+        negative_inf=negative_inf, dropout_p=dropout_p, training=training,
+    )  # fmt: skip
 
 
 def _activation_code(module: nn.Module) -> int | None:
@@ -961,7 +1066,7 @@ def _activation_code(module: nn.Module) -> int | None:
     return _ACTIVATION_CODES.get(type(module))
 
 
-class _EmformerBase(SequenceModule):
+class _EmformerBase(_SegmentMeans, SequenceModule):
     """Shared driver (upstream `_EmformerImpl`): right-context blocks, the segment attention
     mask, the initial memory, and the layer loops for `forward` and `infer`."""
 
@@ -1029,6 +1134,7 @@ class _EmformerBase(SequenceModule):
             device,
         )
 
+    @torch.jit.unused
     def _check_input(self, input: Tensor, lengths: Tensor) -> None:
         if not isinstance(input, Tensor) or input.dim() != 3:
             shape = tuple(input.shape) if isinstance(input, Tensor) else type(input).__name__
@@ -1063,7 +1169,8 @@ class _EmformerBase(SequenceModule):
         Returns:
             (output (B, U, D), lengths): the lengths are returned unchanged.
         """
-        self._check_input(input, lengths)
+        if not torch.jit.is_scripting():  # scripted: upstream's checks only
+            self._check_input(input, lengths)
         if input.size(1) <= self.right_context_length:
             raise ValueError(
                 f"input must have more than right_context_length = {self.right_context_length} "
@@ -1072,12 +1179,12 @@ class _EmformerBase(SequenceModule):
         x = input.permute(1, 0, 2)
         right_context = self._right_context(x)
         utterance = x[: x.size(0) - self.right_context_length]
-        mask = None  # the kernel path derives the mask; the reference path needs it dense
-        first = self.emformer_layers[0].attention if len(self.emformer_layers) else None
-        if first is None or first._backend(utterance) == "reference":
+        # the kernel path derives the mask; the reference path needs it dense
+        mask: Tensor | None = None
+        if self._reference_attention(utterance):
             mask = self._attention_mask(utterance.size(0), input.device)
         if self.use_mem:
-            mems = _segment_summary(self.memory_op, utterance)[:-1]
+            mems = self._segment_means(utterance)[:-1]
         else:
             mems = _empty_like_rows(x)
         output = utterance
@@ -1085,8 +1192,21 @@ class _EmformerBase(SequenceModule):
             output, right_context, mems = layer(output, lengths, right_context, mems, mask)
         return output.permute(1, 0, 2), lengths
 
+    def _reference_attention(self, utterance: Tensor) -> bool:
+        """Whether the layers' attention runs the reference (always when scripted)."""
+        if torch.jit.is_scripting():
+            return True
+        return self._eager_reference_attention(utterance)
+
+    @torch.jit.unused
+    def _eager_reference_attention(self, utterance: Tensor) -> bool:
+        if not len(self.emformer_layers):
+            return True
+        return self.emformer_layers[0].attention._backend(utterance) == "reference"
+
     # -- streaming ------------------------------------------------------------------------
 
+    @torch.jit.unused
     def _check_states(self, states: list[State], batch: int) -> None:
         if not isinstance(states, (list, tuple)) or len(states) != len(self.emformer_layers):
             raise ValueError(
@@ -1104,6 +1224,7 @@ class _EmformerBase(SequenceModule):
                     f"got {tuple(state[3].shape)}"
                 )
 
+    @torch.jit.export
     def infer(
         self, input: Tensor, lengths: Tensor, states: list[State] | None = None
     ) -> tuple[Tensor, Tensor, list[State]]:
@@ -1126,30 +1247,22 @@ class _EmformerBase(SequenceModule):
                 f", expected size of {expected} for dimension 1 of input"
                 f", but got {input.size(1)}."
             )
-        self._check_input(input, lengths)
-        if states is not None:
-            self._check_states(states, input.size(0))
+        if not torch.jit.is_scripting():  # scripted: upstream's checks only
+            self._check_input(input, lengths)
+            if states is not None:
+                self._check_states(states, input.size(0))
         x = input.permute(1, 0, 2)
         utterance = x[: self.segment_length]
         right_context = x[self.segment_length :]
         output_lengths = torch.clamp(lengths - self.right_context_length, min=0)
         if self.use_mem:
-            mems = _segment_summary(self.memory_op, utterance)
+            mems = self._segment_means(utterance)
         else:
             mems = _empty_like_rows(x)
         output = utterance
         new_states: list[State] = []
         for i, layer in enumerate(self.emformer_layers):
             layer_state = None if states is None else list(states[i])
-            plan = (
-                layer._fused_plan(x, layer_state) if isinstance(layer, ConvEmformerLayer) else None
-            )
-            if plan is not None:
-                output, right_context, state, mems = layer._fused_infer(
-                    output, output_lengths, right_context, layer_state, mems, plan
-                )
-                new_states.append(state)
-                continue
             output, right_context, state, mems = layer.infer(
                 output,
                 output_lengths,

@@ -23,6 +23,10 @@ class SequenceModule(nn.Module):
     recurrent path `default_state`, `step` and `state_to_tensor`/`d_state`.
     """
 
+    # TorchScript compiles a module's properties; these are Python-side metadata (one returns
+    # a lambda), so a scripted subclass leaves them out.
+    __jit_unused_properties__ = ["d_model", "d_output", "state_to_tensor", "d_state"]
+
     @property
     def d_model(self) -> int:
         if getattr(self, "_d_model", None) is None:

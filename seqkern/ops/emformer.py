@@ -160,6 +160,7 @@ def segment_attention_mask(
     Segment i's rc and utterance rows see memory [max(i-M, 0), i), rc block i and the
     utterance frames [max(i*s - LC, 0), min((i+1)*s, U)); its summary row sees the same
     except the memory. (Upstream's `_gen_attention_mask`, built by loops as upstream does.)
+    TorchScript-compilable: scripted Emformers call it.
     """
     s, r, lc, m = segment_length, right_context, left_context, max_memory
     n = math.ceil(num_frames / s)
@@ -171,18 +172,19 @@ def segment_attention_mask(
     mask = torch.ones(rows, utt_col0 + num_frames, dtype=torch.bool, device=device)
     for i in range(n):
         seg_start, seg_end = i * s, min((i + 1) * s, num_frames)
-        row_blocks = [
-            slice(i * r, (i + 1) * r),
-            slice(utt_row0 + seg_start, utt_row0 + seg_end),
-        ]
+        # row blocks [start, end): segment i's rc block, its utterance rows, its summary row
+        starts = [i * r, utt_row0 + seg_start]
+        ends = [(i + 1) * r, utt_row0 + seg_end]
         if summary:
-            row_blocks.append(slice(sum_row0 + i, sum_row0 + i + 1))
-        for k, rows_i in enumerate(row_blocks):
-            mask[rows_i, rc_col0 + i * r : rc_col0 + (i + 1) * r] = False
+            starts.append(sum_row0 + i)
+            ends.append(sum_row0 + i + 1)
+        for k in range(len(starts)):
+            a, b = starts[k], ends[k]
+            mask[a:b, rc_col0 + i * r : rc_col0 + (i + 1) * r] = False
             lo = utt_col0 + max(seg_start - lc, 0)
-            mask[rows_i, lo : utt_col0 + seg_end] = False
+            mask[a:b, lo : utt_col0 + seg_end] = False
             if use_mem and k < 2:  # summary rows do not see the memory
-                mask[rows_i, max(i - m, 0) : i] = False
+                mask[a:b, max(i - m, 0) : i] = False
     return mask
 
 

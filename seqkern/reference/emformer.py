@@ -41,6 +41,8 @@ def emformer_attention_ref(
     rather than NaN); softmax in fp32, cast back to the input dtype; dropout with `dropout_p`
     when `training`; then probs @ v.
 
+    TorchScript-compilable (a scripted Emformer calls it).
+
     Example:
         >>> q = torch.randn(7, 2, 8); k = v = torch.randn(9, 2, 8)
         >>> mask = torch.zeros(7, 9, dtype=torch.bool)
@@ -50,11 +52,10 @@ def emformer_attention_ref(
     head_dim = dim // num_heads
     scaling = head_dim**-0.5
 
-    def split_heads(x: Tensor) -> Tensor:
-        # (T, B, D) -> (B*H, T, hd), batch-major over (b, h).
-        return x.contiguous().view(x.size(0), batch * num_heads, head_dim).transpose(0, 1)
-
-    q, k, v = split_heads(query), split_heads(key), split_heads(value)
+    # (T, B, D) -> (B*H, T, hd), batch-major over (b, h).
+    q = query.contiguous().view(tq, batch * num_heads, head_dim).transpose(0, 1)
+    k = key.contiguous().view(key.size(0), batch * num_heads, head_dim).transpose(0, 1)
+    v = value.contiguous().view(value.size(0), batch * num_heads, head_dim).transpose(0, 1)
     logits = torch.bmm(q * scaling, k.transpose(1, 2))
 
     scores = logits.float()
