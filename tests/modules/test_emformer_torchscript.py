@@ -60,7 +60,9 @@ def _pair(up, conv, kwargs, dtype):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # ConvEmformer's 2.8 deprecation warnings
         ref = (up.conv_emformer.ConvEmformer if conv else up.emformer.Emformer)(**kwargs)
-    _perturb(ref)
+    # 0.05: weights off the init but activations O(1), as tests/modules' fused-step test, so
+    # float32 compares rounding of O(1) values (the fused step sums in its own order)
+    _perturb(ref, scale=0.05)
     ours = (sk.ConvEmformer if conv else sk.Emformer)(**kwargs)
     ours.load_state_dict(ref.state_dict(), strict=True)
     return ref.to(dtype).eval(), ours.to(dtype).eval()
