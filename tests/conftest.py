@@ -131,6 +131,46 @@ def torchaudio_upstream():
     )
 
 
+@pytest.fixture
+def small_emformer_rnnt(torchaudio_upstream):
+    """make(dtype) -> a small torchaudio Emformer RNN-T (segment 4, right context 2, time
+    reduction 2, left context 3, memory 2, tanh on the memory), weights moved off the init,
+    in eval mode. Streaming chunks are 4 + 2 input frames."""
+
+    def make(dtype=torch.float32):
+        torch.manual_seed(0)
+        rnnt = torchaudio_upstream.rnnt.emformer_rnnt_model(
+            input_dim=20,
+            encoding_dim=16,
+            num_symbols=11,
+            segment_length=4,
+            right_context_length=2,
+            time_reduction_input_dim=24,
+            time_reduction_stride=2,
+            transformer_num_heads=3,
+            transformer_ffn_dim=32,
+            transformer_num_layers=2,
+            transformer_dropout=0.0,
+            transformer_activation="gelu",
+            transformer_left_context_length=3,
+            transformer_max_memory_size=2,
+            transformer_weight_init_scale_strategy="depthwise",
+            transformer_tanh_on_mem=True,
+            symbol_embedding_dim=12,
+            num_lstm_layers=1,
+            lstm_layer_norm=True,
+            lstm_layer_norm_epsilon=1e-5,
+            lstm_dropout=0.0,
+        )
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in rnnt.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+        return rnnt.to(dtype).eval()
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def espnet_upstream(torchaudio_upstream):
     """Namespace with the ESPnet 202506 modules seqkern mirrors (beats needs torchaudio)."""

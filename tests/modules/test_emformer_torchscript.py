@@ -141,38 +141,9 @@ def test_scripted_module_keeps_upstream_helpers(torchaudio_upstream):
 # -- torchaudio models holding an Emformer, swapped ---------------------------------------------
 
 
-def _rnnt(up, dtype):
-    torch.manual_seed(0)
-    rnnt = up.rnnt.emformer_rnnt_model(
-        input_dim=20,
-        encoding_dim=16,
-        num_symbols=11,
-        segment_length=4,
-        right_context_length=2,
-        time_reduction_input_dim=24,
-        time_reduction_stride=2,
-        transformer_num_heads=3,
-        transformer_ffn_dim=32,
-        transformer_num_layers=2,
-        transformer_dropout=0.0,
-        transformer_activation="gelu",
-        transformer_left_context_length=3,
-        transformer_max_memory_size=2,
-        transformer_weight_init_scale_strategy="depthwise",
-        transformer_tanh_on_mem=True,
-        symbol_embedding_dim=12,
-        num_lstm_layers=1,
-        lstm_layer_norm=True,
-        lstm_layer_norm_epsilon=1e-5,
-        lstm_dropout=0.0,
-    )
-    _perturb(rnnt, scale=0.05)
-    return rnnt.to(dtype).eval()
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_swapped_emformer_rnnt_scripts(torchaudio_upstream, dtype):
-    ref = _rnnt(torchaudio_upstream, dtype)
+def test_swapped_emformer_rnnt_scripts(small_emformer_rnnt, dtype):
+    ref = small_emformer_rnnt(dtype)
     ours = seqkern.swap(copy.deepcopy(ref))
     assert isinstance(ours.transcriber.transformer, sk.Emformer)
     scripted = _script(ours)
@@ -202,11 +173,11 @@ def test_swapped_emformer_rnnt_scripts(torchaudio_upstream, dtype):
                 _assert_nested_close(states[name], states["upstream"], tol, f"{name} states")
 
 
-def test_swapped_rnnt_beam_search_scripts(torchaudio_upstream):
+def test_swapped_rnnt_beam_search_scripts(torchaudio_upstream, small_emformer_rnnt):
     """RNNTBeamSearch over the swapped RNN-T, eager and scripted, decodes as upstream's: the
     same hypotheses (tokens, scores) after streaming a few segments."""
     beam_search = torchaudio_upstream.rnnt_decoder.RNNTBeamSearch
-    ref = _rnnt(torchaudio_upstream, torch.float32)
+    ref = small_emformer_rnnt(torch.float32)
     ours = seqkern.swap(copy.deepcopy(ref))
     decoders = {
         "upstream": beam_search(ref, blank=10),

@@ -130,34 +130,10 @@ def _perturbed(module, seed=0, scale=0.05):
     return module.eval()
 
 
-def test_swap_torchaudio_rnnt_emformer_transcriber(torchaudio_upstream):
+def test_swap_torchaudio_rnnt_emformer_transcriber(small_emformer_rnnt):
     from seqkern.modules.emformer import Emformer
 
-    torch.manual_seed(0)
-    rnnt = torchaudio_upstream.rnnt.emformer_rnnt_model(
-        input_dim=20,
-        encoding_dim=16,
-        num_symbols=11,
-        segment_length=4,
-        right_context_length=2,
-        time_reduction_input_dim=24,
-        time_reduction_stride=2,
-        transformer_num_heads=3,
-        transformer_ffn_dim=32,
-        transformer_num_layers=2,
-        transformer_dropout=0.0,
-        transformer_activation="gelu",
-        transformer_left_context_length=3,
-        transformer_max_memory_size=2,
-        transformer_weight_init_scale_strategy="depthwise",
-        transformer_tanh_on_mem=True,
-        symbol_embedding_dim=12,
-        num_lstm_layers=1,
-        lstm_layer_norm=True,
-        lstm_layer_norm_epsilon=1e-5,
-        lstm_dropout=0.0,
-    )
-    _perturbed(rnnt)
+    rnnt = small_emformer_rnnt()
     feats = torch.randn(2, 28, 20)
     lengths = torch.tensor([28, 22])
     targets = torch.randint(0, 11, (2, 5))
