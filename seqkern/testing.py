@@ -100,6 +100,9 @@ def assert_poisoned_grad_close_to_oracle(
     `assert_close_to_oracle` on the entries finite in the kernel, the oracle and the reference.
     """
     got, oracle, ref = (t.detach().cpu() for t in (got, oracle, ref))
+    if not got.numel() or not oracle.numel():  # nothing to poison: shapes and dtypes only
+        assert_close_to_oracle(got, oracle, ref, name=name)
+        return
     got_nan, want_nan = got.isnan(), oracle.isnan()
     if (got_nan & ~want_nan).any():
         raise AssertionError(f"{name}: NaN where the oracle has none")
@@ -114,6 +117,37 @@ def assert_poisoned_grad_close_to_oracle(
     )
 
 
+def assert_result_close_to_oracle(
+    got: Tensor,
+    oracle: Tensor,
+    ref: Tensor,
+    *,
+    name: str,
+    poisoned: bool = False,
+    gradient: bool = True,
+) -> None:
+    """One result of a run whose inputs may hold NaN or Inf, under the rule that fits it.
+
+    An output (or a returned state), and anything of a run without poison, must match the
+    oracle's NaN/Inf pattern exactly (`assert_close_to_oracle`); a gradient of a poisoned run is
+    held to `assert_poisoned_grad_close_to_oracle`. `poisoned`: a NaN or Inf was placed in an
+    input; `gradient`: `got` is a gradient (not an output).
+    """
+    if poisoned and gradient:
+        assert_poisoned_grad_close_to_oracle(got, oracle, ref, name=name)
+    else:
+        assert_close_to_oracle(got, oracle, ref, name=name)
+
+
+def poison_(t: Tensor, value: float, generator: torch.Generator) -> bool:
+    """Write `value` (NaN, +-Inf) at one random element of `t`, in place; False (and nothing
+    written) when `t` is empty."""
+    if not t.numel():
+        return False
+    t.view(-1)[int(torch.randint(t.numel(), (1,), generator=generator))] = value
+    return True
+
+
 def rel_rms_error(got: Tensor, want: Tensor) -> float:
     """||got - want||_2 / ||want||_2: the measure for long recurrences, where max-abs misleads."""
     got64, want64 = got.detach().to(torch.float64), want.detach().to(torch.float64)
@@ -123,6 +157,17 @@ def rel_rms_error(got: Tensor, want: Tensor) -> float:
 def grads_of(outputs: Tensor, inputs: Sequence[Tensor], grad_out: Tensor) -> tuple[Tensor, ...]:
     """d(outputs . grad_out)/d(inputs), without touching .grad."""
     return torch.autograd.grad(outputs, tuple(inputs), grad_out)
+
+
+def grads_or_zeros(outputs: Tensor, inputs: Sequence[Tensor], grad_out: Tensor) -> list[Tensor]:
+    """d(outputs . grad_out)/d(inputs) for the inputs that require grad; an input that `outputs`
+    does not reach (or every input, for an empty output or one without a graph) gets zeros, the
+    gradient of an empty sum."""
+    needs = [t for t in inputs if t.requires_grad]
+    if not needs or not outputs.numel() or not outputs.requires_grad:
+        return [torch.zeros_like(t) for t in needs]
+    grads = torch.autograd.grad(outputs, needs, grad_out, allow_unused=True)
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, needs, strict=True)]
 
 
 def upcast(tensors: Sequence[Tensor], dtype: torch.dtype = torch.float64) -> list[Tensor]:

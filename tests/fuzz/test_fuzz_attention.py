@@ -11,13 +11,12 @@ developer runs more with `HYPOTHESIS_PROFILE=dev pytest tests/fuzz` (2,000 examp
 """
 
 import math
-import os
 
 import pytest
 import torch
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from seqkern import use_backend  # noqa: E402
@@ -26,14 +25,10 @@ from seqkern.ops.relbias import relbias_attention  # noqa: E402
 from seqkern.reference.attention import attention_ref  # noqa: E402
 from seqkern.reference.relbias import relbias_attention_ref  # noqa: E402
 from seqkern.testing import (  # noqa: E402
-    assert_close_to_oracle,
-    assert_poisoned_grad_close_to_oracle,
+    assert_result_close_to_oracle,
+    grads_or_zeros,
+    poison_,
 )
-
-_COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True)
-settings.register_profile("ci", max_examples=25, derandomize=True, **_COMMON)
-settings.register_profile("dev", max_examples=2000, **_COMMON)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # head dims each backend supports: both ends of its range, and an odd one inside
 HEAD_DIMS = {"reference": [1, 7, 64], "cpu": [1, 7, 64], "triton": [16, 24, 128]}
@@ -104,23 +99,7 @@ def _poison(leaves, poison, gen):
     if poison is None:
         return
     name, value = poison.split("_")[1], math.nan if poison.startswith("nan") else math.inf
-    t = leaves["qkv".index(name)]
-    if t.numel():
-        flat = t.view(-1)
-        flat[int(torch.randint(flat.numel(), (1,), generator=gen))] = value
-
-
-def _check(name, got, oracle, ref, poisoned):
-    if not poisoned or name == "out":
-        assert_close_to_oracle(got, oracle, ref, name=name)
-    else:
-        assert_poisoned_grad_close_to_oracle(got, oracle, ref, name=name)
-
-
-def _grad(out, leaves, dout):
-    if not out.numel():
-        return [torch.zeros_like(t) for t in leaves]
-    return list(torch.autograd.grad(out, leaves, dout))
+    poison_(leaves["qkv".index(name)], value, gen)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
@@ -137,7 +116,7 @@ def test_attention_fuzz(backend, data):
         leaves = [t.to(dt).requires_grad_() for t in leaves64]
         mask = mask64 if mask64 is None or mask64.dtype == torch.bool else mask64.to(dt)
         out = op(*_views(leaves, H, layout), mask=mask, causal=causal)
-        return [out, *_grad(out, leaves, dout64.to(dt))]
+        return [out, *grads_or_zeros(out, leaves, dout64.to(dt))]
 
     with use_backend(backend):
         got = run(dtype, attention)
@@ -145,7 +124,9 @@ def test_attention_fuzz(backend, data):
     ref = run(dtype, attention_ref)
     assert got[0].shape == (B, H, T, hd) and got[0].dtype == dtype
     for name, g, o, r in zip(["out", "dq", "dk", "dv"], got, oracle, ref, strict=True):
-        _check(name, g, o, r, poison is not None)
+        assert_result_close_to_oracle(
+            g, o, r, name=name, poisoned=poison is not None, gradient=name.startswith("d")
+        )
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -166,11 +147,13 @@ def test_relbias_attention_fuzz(backend, data):
         leaves = [t.to(dt).requires_grad_() for t in (*leaves64, rel64, gate64)]
         q, k, v = _views(leaves[:3], H, layout)
         out, _ = op(q, k, v, scale, rel_bias=leaves[3], gate=leaves[4], key_padding_mask=kpm)
-        return [out, *_grad(out, leaves, dout64.to(dt))]
+        return [out, *grads_or_zeros(out, leaves, dout64.to(dt))]
 
     with use_backend(backend):
         got = run(dtype, relbias_attention)
     oracle = run(torch.float64, relbias_attention_ref)
     ref = run(dtype, relbias_attention_ref)
     for name, g, o, r in zip(["out", "dq", "dk", "dv", "drel", "dgate"], got, oracle, ref):
-        _check(name, g, o, r, poison is not None)
+        assert_result_close_to_oracle(
+            g, o, r, name=name, poisoned=poison is not None, gradient=name.startswith("d")
+        )
