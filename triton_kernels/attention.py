@@ -346,8 +346,9 @@ def _dkdv_tiles(
     PRECISION: tl.constexpr,
     EXACT_DELTA: tl.constexpr,
 ):
-    # Queries past T load as 0 with lse = +inf (p = 0); keys past S are never stored: neither
-    # needs a test here, only the causal diagonal and the mask do.
+    # Queries past T load as 0 with lse = +inf and are hidden (their 0 times an Inf key would
+    # be a NaN logit, and a NaN p or dS reaches dK and dV through the products); keys past S
+    # are never stored.
     offs_m0 = tl.arange(0, BLOCK_M)
     mask_d = offs_d < hd
     for m0 in range(lo, hi, BLOCK_M):
@@ -359,6 +360,7 @@ def _dkdv_tiles(
         s = _masked_logits(
             s, offs_m, offs_n, T, S, M, m_base, s_mt, s_ms, EDGE, CAUSAL, MASK_MODE, MASK_ROW
         )
+        s = tl.where(mask_m[:, None], s, float("-inf"))
         lse = tl.load(LSE + row_base + offs_m, mask=mask_m, other=float("inf"))
         p = tl.exp(s - lse[:, None])  # (BLOCK_M, BLOCK_N)
         if EXACT_DELTA:  # 1 / sum(p) of each row, from the dq kernel's sweep

@@ -82,7 +82,9 @@ def _logits_tile(
         s += tl.load(
             AM + offs_m[:, None] * s_am_i + offs_n[None, :] * s_am_j, mask=mask_mn, other=0.0
         ).to(tl.float32)
-    valid = mask_n[None, :] & (offs_m[:, None] >= 0)
+    # rows past T are hidden too: their zero-filled q times an Inf key would be a NaN logit,
+    # which the backward's products would carry into dK and dV
+    valid = mask_mn
     if HAS_KPM:
         padded = tl.load(KPM + kpm_base + offs_n, mask=mask_n, other=1)  # int8, 1 = padding
         valid = valid & (padded[None, :] == 0)

@@ -229,6 +229,37 @@ def test_strided_inputs_and_nan_rows(backend):
         assert_poisoned_grad_close_to_oracle(g, o, r, name=name)
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_an_inf_key_every_query_hides_passes_no_gradient(backend):
+    """+Inf in one element of key 2 where every query's element is negative: that logit is -inf
+    in every row, so key 2 gets no gradient (dk, dv 0). The Triton backward made them NaN from
+    the query rows past T of its tile (zero-filled: 0 * Inf)."""
+    gen = torch.Generator().manual_seed(12)
+    q64, k64, v64 = (
+        torch.randn(1, 2, L, 16, generator=gen, dtype=torch.float64) for L in (3, 5, 5)
+    )
+    q64[..., 3] = -q64[..., 3].abs() - 0.1
+    k64[:, :, 2, 3] = math.inf
+    rel64 = torch.randn(2, 3 + 5 - 1, generator=gen, dtype=torch.float64)
+    dout64 = torch.randn(1, 2, 3, 16, generator=gen, dtype=torch.float64)
+
+    def run(dt, op):
+        leaves = [t.to(dt).requires_grad_() for t in (q64, k64, v64, rel64)]
+        out, _ = op(*leaves[:3], 0.25, rel_bias=leaves[3])
+        return [out, *torch.autograd.grad(out, leaves, dout64.to(dt))]
+
+    with use_backend(backend):
+        got = run(torch.float32, relbias_attention)
+    oracle, ref = (
+        run(torch.float64, relbias_attention_ref),
+        run(torch.float32, relbias_attention_ref),
+    )
+    assert oracle[2][:, :, 2].eq(0).all() and oracle[3][:, :, 2].eq(0).all()
+    assert_close_to_oracle(got[0], oracle[0], ref[0], name="out")
+    for name, g, o, r in zip(["dq", "dk", "dv", "drel"], got[1:], oracle[1:], ref[1:], strict=True):
+        assert_poisoned_grad_close_to_oracle(g, o, r, name=name)
+
+
 @pytest.mark.parametrize(
     "change,error,match",
     [
