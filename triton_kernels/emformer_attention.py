@@ -575,12 +575,17 @@ def _dkdv_kernel(
             p = tl.exp2(s - lse[:, None] * 1.4426950408889634)  # (BLOCK_M, BLOCK_N)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
+            # a hidden logit passes no gradient (upstream's masked_fill), also where its row's
+            # delta is NaN (p = 0 there, and 0 * NaN would spread the NaN to keys it cannot see)
+            ds = tl.where(row_ok[:, None] & key_ok[None, :], p * (dp - delta[:, None]), 0.0)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
     if HAS_KPM:  # rows that saw no key: dO / Tk to every valid key
         tk = (mv + n_rc + lcv + U).to(tl.float32)
         g = tl.load(GSUM + bh.to(tl.int64) * hd + offs_d, mask=mask_d, other=0.0) / tk
         dv += tl.where(key_valid[:, None], g[None, :], 0.0)
+    # state rows that are no keys get exactly 0 (not 0 * a NaN query or probability)
+    dk = tl.where(key_valid[:, None], dk, 0.0)
+    dv = tl.where(key_valid[:, None], dv, 0.0)
     tl.store(
         DK + b * s_dkb + hoff + rows_n * s_dkt + offs_d[None, :],
         (dk * scale).to(DK.dtype.element_ty),
@@ -623,10 +628,11 @@ def _dq_keys(
         k = tl.load(k_ptr + rows * s_kt + offs_d[None, :], mask=mask_nd, other=0.0)
         v = tl.load(v_ptr + rows * s_vt + offs_d[None, :], mask=mask_nd, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        s = tl.where(row_ok[:, None] & key_ok[None, :], s, float("-inf"))
+        seen = row_ok[:, None] & key_ok[None, :]
+        s = tl.where(seen, s, float("-inf"))
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
+        ds = tl.where(seen, p * (dp - delta[:, None]), 0.0)  # hidden logits: no gradient
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     return dq
 
@@ -924,7 +930,7 @@ class _Plan:
                 raise ValueError(f"{op}: {name} must have q_utt's dtype {ref.dtype}, got {t.dtype}")
             if t.device != ref.device:
                 raise ValueError(f"{op}: {name} must be on {ref.device}, got {t.device}")
-            if t.shape[0] > 0 and t.stride(2) != 1:
+            if t.numel() and t.stride(2) != 1:
                 raise ValueError(f"{op}: {name} must have a unit last stride, got {t.stride()}")
         for kind in ("mem", "rc", "lc", "utt"):
             k, v = streams["k_" + kind], streams["v_" + kind]

@@ -34,7 +34,9 @@ tap j it gathers g_j = the dy rows of the outputs that read the input at tap j:
 
 then dx += w[j] * g_j (dz, dcache), and the tile's partial dweight[:, j] = sum over its rows
 of x * g_j (only over inputs actually read at tap j, so a NaN input poisons only the taps that
-read it), written to a (tiles * B, k, D) fp32 workspace; dbias's partial is sum g_{k-1}
+read it; each reading output's term w[j] * dy and x * dy is formed on its own, as in the
+reference's convolutions, so Inf inputs give the same Inf/NaN), written to a (tiles * B, k, D)
+fp32 workspace; dbias's partial is sum g_{k-1}
 (tap k-1 reads each output's own row exactly once). torch sums the workspaces afterwards
 (fixed shapes: deterministic).
 """
@@ -220,41 +222,49 @@ def _segment_conv_bwd_kernel(
     tile_row = pid_v * tl.num_programs(2) + b  # this tile's row of the workspaces
     dx = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     for j in tl.range(0, K, loop_unroll_factor=1):  # rolled, as in the forward (128 registers)
-        g = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-        read = offs_v < 0  # rows read by some output at tap j
+        g = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)  # the dy rows read at tap j
+        w = tl.load(W + offs_d * s_wd + j * s_wk, mask=mask_d, other=0.0).to(tl.float32)
+        # each reading output's dy is multiplied on its own (w[j] * dy, x * dy) before the sum,
+        # as the reference's convolutions do: with an Inf weight or input, +Inf and -Inf
+        # products then give NaN where the reference has NaN; rows a tap does not read add 0
+        dw_rows = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
         if has_rc:
             # rc row i*R + m is read by rc output i*R + m + P - j of its own block
             ok = is_rc & (m_in + (P - j) < R)
-            g += tl.load(
+            t = tl.load(
                 dy_base + (offs_v + (P - j)).to(tl.int64)[:, None] * s_dyt,
                 mask=ok[:, None] & mask_d2,
                 other=0.0,
             ).to(tl.float32)
-            read = read | ok
+            g += t
+            dx += tl.where(ok[:, None], w[None, :] * t, 0.0)
+            dw_rows += tl.where(ok[:, None], x * t, 0.0)
         if has_fr:
             # frame f is read by utterance output f + P - j
             u = f + (P - j)
             ok = is_fr & (u >= 0) & (u < U)
-            g += tl.load(
+            t = tl.load(
                 dy_base + (N_RC + u).to(tl.int64)[:, None] * s_dyt,
                 mask=ok[:, None] & mask_d2,
                 other=0.0,
             ).to(tl.float32)
-            read = read | ok
+            g += t
+            dx += tl.where(ok[:, None], w[None, :] * t, 0.0)
+            dw_rows += tl.where(ok[:, None], x * t, 0.0)
             # ... and by rc output i*R + r of every block whose prefix window holds it
             for i in range(i_lo, i_hi):
                 e = tl.minimum((i + 1) * SEG, U)
                 r = f - e + (P - j)
                 ok = is_fr & (f < e) & (r >= 0) & (r < R)
-                g += tl.load(
+                t = tl.load(
                     dy_base + (i * R + r).to(tl.int64)[:, None] * s_dyt,
                     mask=ok[:, None] & mask_d2,
                     other=0.0,
                 ).to(tl.float32)
-                read = read | ok
-        w = tl.load(W + offs_d * s_wd + j * s_wk, mask=mask_d, other=0.0).to(tl.float32)
-        dx += w[None, :] * g
-        dw = tl.sum(tl.where(read[:, None], x * g, 0.0), axis=0)
+                g += t
+                dx += tl.where(ok[:, None], w[None, :] * t, 0.0)
+                dw_rows += tl.where(ok[:, None], x * t, 0.0)
+        dw = tl.sum(dw_rows, axis=0)
         tl.store(WS_W + (tile_row * K + j) * D + offs_d, dw, mask=mask_d)
         if j == P:  # tap k-1 reads every output's own row once: its g sums to dbias
             tl.store(WS_B + tile_row * D + offs_d, tl.sum(g, axis=0), mask=mask_d)
@@ -292,7 +302,7 @@ class _Plan:
                 f"{op}: z must be a floating-point (n*R + U, B, D) tensor, got {z!r:.60}"
             )
         T, B, D = z.shape
-        if z.numel() and z.stride(2) != 1:
+        if z.numel() and z.size(2) > 1 and z.stride(2) != 1:  # (D = 1: any stride)
             raise ValueError(f"{op}: z must have a unit last stride, got strides {z.stride()}")
         for name, val, low in (
             ("utterance_length", utterance_length, 1),
@@ -423,7 +433,7 @@ def segment_conv_bwd(
         )
     if dy.device != z.device:
         raise ValueError(f"segment_conv_bwd: dy must be on {z.device}, got {dy.device}")
-    if dy.numel() and dy.stride(2) != 1:
+    if dy.numel() and dy.size(2) > 1 and dy.stride(2) != 1:
         raise ValueError(f"segment_conv_bwd: dy must have a unit last stride, got {dy.stride()}")
     dev = z.device
     dz = torch.empty((T, B, D), dtype=z.dtype, device=dev)

@@ -40,6 +40,7 @@ def _check(
     key_padding_mask: Tensor | None,
     num_heads: int,
     dropout_p: float,
+    negative_inf: float,
 ) -> None:
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, Tensor):
@@ -49,9 +50,11 @@ def _check(
         if not t.is_floating_point():
             raise ValueError(f"{OP}: {name} must be a floating-point tensor, got {t.dtype}")
     tq, batch, dim = query.shape
-    if not isinstance(num_heads, int) or num_heads <= 0 or dim % num_heads != 0:
+    if dim < 1:
+        raise ValueError(f"{OP}: query must have D >= 1 features, got shape {tuple(query.shape)}")
+    if not _is_int(num_heads) or num_heads <= 0 or dim % num_heads != 0:
         raise ValueError(
-            f"{OP}: num_heads must be a positive divisor of D = {dim}, got {num_heads}"
+            f"{OP}: num_heads must be a positive divisor of D = {dim}, got {num_heads!r}"
         )
     if key.shape[1:] != (batch, dim):
         raise ValueError(
@@ -83,8 +86,24 @@ def _check(
             raise ValueError(
                 f"{OP}: {name} must be on query's device {query.device}, got {m.device}"
             )
-    if not 0.0 <= float(dropout_p) <= 1.0:
-        raise ValueError(f"{OP}: dropout_p must be in [0, 1], got {dropout_p}")
+    _check_scalars(OP, dropout_p, negative_inf)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _check_scalars(op: str, dropout_p, negative_inf) -> None:
+    if not _is_real(dropout_p) or not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"{op}: dropout_p must be a number in [0, 1], got {dropout_p!r}")
+    if not _is_real(negative_inf) or not math.isfinite(negative_inf):
+        raise ValueError(
+            f"{op}: negative_inf must be a finite number (upstream: -1e8), got {negative_inf!r}"
+        )
 
 
 def emformer_attention(
@@ -101,7 +120,7 @@ def emformer_attention(
     """Emformer's masked multi-head attention core (torchaudio `_EmformerAttention`).
 
     Args:
-        query: (Tq, B, D) projected query rows, unscaled (the op scales by (D/H)^-1/2).
+        query: (Tq, B, D), D >= 1: projected query rows, unscaled (scaled by (D/H)^-1/2).
         key, value: (Tk, B, D) projected key/value rows; same dtype and device as query.
         attention_mask: (Tq, Tk) bool, True = masked.
         key_padding_mask: (B, Tk) bool, True = masked key; or None.
@@ -117,7 +136,7 @@ def emformer_attention(
         >>> mask = torch.zeros(7, 9, dtype=torch.bool)
         >>> out = emformer_attention(q, k, v, mask, None, num_heads=3)  # (7, 2, 24)
     """
-    _check(query, key, value, attention_mask, key_padding_mask, num_heads, dropout_p)
+    _check(query, key, value, attention_mask, key_padding_mask, num_heads, dropout_p, negative_inf)
     kernel = backends.select(OP, query, key, value, attention_mask, key_padding_mask)
     return kernel.fwd(
         query,
@@ -211,6 +230,7 @@ def _check_segment(
     key_lengths,
     past_length,
     dropout_p,
+    negative_inf,
 ) -> None:
     op = SEGMENT_OP
     for name in ("q_rc", "q_utt", "k_rc", "k_utt", "v_rc", "v_utt"):
@@ -220,11 +240,13 @@ def _check_segment(
         if (streams["k_" + kind] is None) != (streams["v_" + kind] is None):
             raise ValueError(f"{op}: k_{kind} and v_{kind} must both be given or both be None")
     q_utt = streams["q_utt"]
-    if q_utt.dim() != 3 or not q_utt.is_floating_point():
-        raise ValueError(
-            f"{op}: q_utt must be a floating-point (U, B, D) tensor, got {q_utt!r:.60}"
-        )
+    if q_utt.dim() != 3:
+        raise ValueError(f"{op}: q_utt must be (U, B, D), got shape {tuple(q_utt.shape)}")
+    if not q_utt.is_floating_point():
+        raise ValueError(f"{op}: q_utt must be a floating-point tensor, got {q_utt.dtype}")
     U, B, D = q_utt.shape
+    if D < 1:
+        raise ValueError(f"{op}: q_utt must have D >= 1 features, got shape {tuple(q_utt.shape)}")
     for name, t in streams.items():
         if t is None:
             continue
@@ -243,15 +265,17 @@ def _check_segment(
             raise ValueError(
                 f"{op}: v_{kind} must have k_{kind}'s shape {tuple(k.shape)}, got {tuple(v.shape)}"
             )
-    if not isinstance(num_heads, int) or num_heads <= 0 or D % num_heads:
-        raise ValueError(f"{op}: num_heads must be a positive divisor of D = {D}, got {num_heads}")
+    if not _is_int(num_heads) or num_heads <= 0 or D % num_heads:
+        raise ValueError(
+            f"{op}: num_heads must be a positive divisor of D = {D}, got {num_heads!r}"
+        )
     for name, val, low in (
         ("segment_length", segment_length, 1),
         ("right_context", right_context, 0),
         ("left_context", left_context, 0),
         ("max_memory", max_memory, 0),
     ):
-        if not isinstance(val, int) or val < low:
+        if not _is_int(val) or val < low:
             raise ValueError(f"{op}: {name} must be an int >= {low}, got {val!r}")
     if U < 1 or streams["k_utt"].size(0) != U:
         raise ValueError(
@@ -300,8 +324,7 @@ def _check_segment(
             f"{op}: past_length must be an integer tensor on {q_utt.device} "
             f"(element [0] is read), got {past_length!r:.80}"
         )
-    if not 0.0 <= float(dropout_p) <= 1.0:
-        raise ValueError(f"{op}: dropout_p must be in [0, 1], got {dropout_p}")
+    _check_scalars(op, dropout_p, negative_inf)
 
 
 def emformer_segment_attention(
@@ -330,7 +353,7 @@ def emformer_segment_attention(
 ) -> Tensor:
     """Emformer's segment attention on the projected streams, no concatenation, no dense mask.
 
-    Streams (time-major, projected, D = H * hd, same dtype and device; None = 0 rows):
+    Streams (time-major, projected, D = H * hd >= 1, same dtype and device; None = 0 rows):
         q_rc (n*R, B, D) | q_utt (U, B, D) | q_sum (n or 0, B, D)          queries
         k_mem (Mr, B, D) | k_rc (n*R) | k_lc (LCr; infer only) | k_utt (U)   keys
         v_mem | v_rc | v_lc | v_utt, shaped as their keys                     values
@@ -356,7 +379,11 @@ def emformer_segment_attention(
 
     Backends: `triton` (seqkern._triton.emformer_attention; CUDA, or CPU under
     TRITON_INTERPRET=1) and `reference` (the concatenations and dense masks the module
-    builds, then `emformer_attention_ref`; differentiable).
+    builds, then `emformer_attention_ref`; differentiable). NaN and Inf inputs give upstream's
+    NaN/Inf pattern in the output and the gradients on both, with one known exception on
+    `triton`: a query row whose every visible logit is -inf (an Inf in its query or in the only
+    keys it sees) is taken as a row that sees no key (0, or the value mean under key padding),
+    where upstream averages the values hidden from it (NaN when none are).
     """
     values = (q_rc, q_utt, q_sum, k_mem, k_rc, k_lc, k_utt, v_mem, v_rc, v_lc, v_utt)
     streams = dict(zip(_STREAMS, values))
@@ -370,6 +397,7 @@ def emformer_segment_attention(
         key_lengths,
         past_length,
         dropout_p,
+        negative_inf,
     )
     fwd = _SEGMENT_FWD[_chosen_backend(q_utt, num_heads, float(dropout_p), bool(training))]
     cfg = dict(
@@ -587,6 +615,10 @@ class _SegmentAttention(torch.autograd.Function):
         out, lse = torch.ops.seqkern.emformer_segment_attention(
             *streams, key_lengths, past_length, *ctx.args
         )
+        # upstream's NaN pattern, in the output and in the out the backward's delta = dO . out
+        # reads (so every row of a (b, h) whose values hold a NaN gets upstream's NaN gradient)
+        out = _upstream_nan_pattern(out, dict(zip(_STREAMS, streams)), cfg, past_length)
+        ctx.cfg = cfg
         ctx.present = tuple(t is not None for t in streams)
         ctx.save_for_backward(
             *(t for t in streams if t is not None), out, lse, key_lengths, past_length
@@ -602,6 +634,9 @@ class _SegmentAttention(torch.autograd.Function):
         grads = torch.ops.seqkern.emformer_segment_attention_bwd(
             dout, *streams, out, lse, key_lengths, past_length, *ctx.args
         )
+        grads = _upstream_nan_value_grads(
+            list(grads), lse, dict(zip(_STREAMS, streams)), ctx.cfg, past_length
+        )
         needs = ctx.needs_input_grad[3:]
         return (None, None, None) + tuple(
             g if need and present else None for g, need, present in zip(grads, needs, ctx.present)
@@ -612,7 +647,48 @@ def _segment_triton_fwd(streams, cfg, key_lengths, past_length, dropout_p, train
     out, _ = _SegmentAttention.apply(
         cfg, key_lengths, past_length, *(streams[name] for name in _STREAMS)
     )
-    return _upstream_nan_pattern(out, streams, cfg, past_length)
+    return out
+
+
+def _state_valid(streams, cfg, past_length: Tensor | None):
+    """(valid memory rows, valid lc rows) as 0-dim device tensors with past_length (infer),
+    else (None, None): every row is a key."""
+    if streams["k_lc"] is None or past_length is None:
+        return None, None
+    return valid_state_rows(
+        past_length, _rows(streams["v_mem"]), _rows(streams["v_lc"]), cfg["segment_length"]
+    )
+
+
+def _key_rows(v: Tensor, valid: Tensor | None) -> Tensor | None:
+    """(rows,) bool: the rows of a right-aligned state buffer that are keys (None: all)."""
+    if valid is None:
+        return None
+    return torch.arange(v.size(0), device=v.device) >= v.size(0) - valid
+
+
+def _upstream_nan_value_grads(grads: list, lse: Tensor, streams, cfg, past_length) -> list:
+    """Upstream's dV = P^T dO is one dense product too: a query row whose softmax is NaN (a
+    NaN or +Inf logit it sees; the kernel's lse is NaN there) has NaN probabilities for every
+    key, masked or not, so dV of every key row of its (b, h) is NaN in that head's columns. The
+    kernel visits only the keys the row sees: set the others NaN here (no host sync). The state
+    rows `past_length` leaves out are no keys and keep their 0."""
+    B, H, _ = lse.shape
+    D = streams["q_utt"].size(2)
+    nan_heads = lse.isnan().any(-1)  # (B, H)
+    bad = nan_heads.repeat_interleave(D // H, dim=1)  # (B, D)
+    mem_valid, lc_valid = _state_valid(streams, cfg, past_length)
+    for kind, valid in (("mem", mem_valid), ("rc", None), ("lc", lc_valid), ("utt", None)):
+        i = _STREAMS.index("v_" + kind)
+        g = grads[i]
+        if streams["v_" + kind] is None or g.numel() == 0:
+            continue
+        mask = bad.expand(g.size(0), B, D)
+        rows = _key_rows(g, valid)
+        if rows is not None:
+            mask = mask & rows[:, None, None]
+        grads[i] = g.masked_fill(mask, torch.nan)
+    return grads
 
 
 def _upstream_nan_pattern(out: Tensor, streams, cfg, past_length: Tensor | None) -> Tensor:
@@ -622,21 +698,16 @@ def _upstream_nan_pattern(out: Tensor, streams, cfg, past_length: Tensor | None)
     so it leaves such rows finite: set them NaN here, where upstream has NaN. Rows the kernel
     did compute already agree (the same products). One pass over the values and the output, no
     host sync."""
-    infer = streams["k_lc"] is not None
-    mem_valid = lc_valid = None
-    if infer and past_length is not None:
-        mem_valid, lc_valid = valid_state_rows(
-            past_length, _rows(streams["v_mem"]), _rows(streams["v_lc"]), cfg["segment_length"]
-        )
+    mem_valid, lc_valid = _state_valid(streams, cfg, past_length)
     bad = None
     for kind, valid in (("mem", mem_valid), ("rc", None), ("lc", lc_valid), ("utt", None)):
         v = streams["v_" + kind]
         if v is None or v.size(0) == 0:
             continue
         nonfinite = ~torch.isfinite(v)
-        if valid is not None:  # right-aligned buffers: only the last `valid` rows are keys
-            row = torch.arange(v.size(0), device=v.device)
-            nonfinite = nonfinite & (row >= v.size(0) - valid)[:, None, None]
+        rows = _key_rows(v, valid)  # right-aligned buffers: only the last `valid` rows are keys
+        if rows is not None:
+            nonfinite = nonfinite & rows[:, None, None]
         column = nonfinite.any(0)  # (B, D)
         bad = column if bad is None else bad | column
     if bad is None:

@@ -149,6 +149,9 @@ def emformer_segment_conv_ref(
     n_rc = z.size(0) - U
     batch, dim = z.size(1), z.size(2)
     state_size = weight.size(2) - 1
+    if dim == 0:  # no channels (F.conv1d refuses groups = 0): an empty y, zero gradients
+        link = weight.sum() + (0.0 if bias is None else bias.sum())
+        return z * (link if cache is None else link + cache.sum())
     z_rc, z_utt = z[:n_rc], z[n_rc:].permute(1, 2, 0)  # z_utt: (B, D, U)
     if cache is None:
         cache = torch.zeros(batch, dim, state_size, device=z.device, dtype=z.dtype)
@@ -162,9 +165,10 @@ def emformer_segment_conv_ref(
         prefix = padded[:, :, end - state_size : end]  # (B, D, k-1)
         rc = z_rc[i * R : (i + 1) * R].permute(1, 2, 0)  # (B, D, R)
         blocks.append(torch.cat([prefix, rc], dim=2))
+    n = len(blocks)
     stacked = torch.stack(blocks)  # (n, B, D, k-1+R)
-    out = F.conv1d(stacked.reshape(-1, dim, stacked.size(3)), weight, bias, groups=dim)
-    out = out.reshape(-1, batch, dim, R).permute(0, 3, 1, 2).reshape(-1, batch, dim)
+    out = F.conv1d(stacked.reshape(n * batch, dim, stacked.size(3)), weight, bias, groups=dim)
+    out = out.reshape(n, batch, dim, R).permute(0, 3, 1, 2).reshape(n * R, batch, dim)
     return torch.cat([out, conv_utt])
 
 

@@ -61,9 +61,9 @@ def emformer_attention_ref(
     scores = logits.float()
     scores = scores.masked_fill(attention_mask.unsqueeze(0), negative_inf)
     if key_padding_mask is not None:
-        scores = scores.view(batch, num_heads, tq, -1)
+        scores = scores.view(batch, num_heads, tq, key.size(0))
         scores = scores.masked_fill(key_padding_mask[:, None, None, :], negative_inf)
-        scores = scores.view(batch * num_heads, tq, -1)
+        scores = scores.view(batch * num_heads, tq, key.size(0))
     probs = torch.softmax(scores, dim=-1).type_as(logits)
     probs = F.dropout(probs, p=float(dropout_p), training=training)
 

@@ -23,7 +23,7 @@ from seqkern.ops.emformer_conv import (
     emformer_segment_conv_ref,
     segment_conv_backend,
 )
-from seqkern.testing import assert_close_to_oracle
+from seqkern.testing import assert_close_to_oracle, assert_poisoned_grad_close_to_oracle
 
 NAMES = ("z", "weight", "bias", "cache")
 
@@ -174,6 +174,15 @@ def _check_case(case, dtype, device="cpu", seed=0):
     return st, dy, got, got_grads
 
 
+def _poisoned_runs(case, st64, dy64):
+    """(triton, oracle, fp32 reference) runs, each (y, grads), of float64 inputs that hold a
+    NaN or Inf: the kernel and the reference in float32, the oracle on the inputs as they are."""
+    st = {n: _cast(t, torch.float32) for n, t in st64.items()}
+    got = _run(case, st, dy64.float(), "triton")
+    oracle = _run(case, {n: _cast(t, torch.float64) for n, t in st64.items()}, dy64, "reference")
+    return got, oracle, _run(case, st, dy64.float(), "reference")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=repr)
 def test_kernel_matches_oracle(case, dtype):
@@ -311,9 +320,78 @@ def _call(args):
         (dict(cache=torch.randn(2, 8, 2, device="meta")), "cache must be on z's device"),
     ],
 )
-def test_bad_arguments_raise_clear_errors(change, match):
-    with pytest.raises(ValueError, match=match):
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_bad_arguments_raise_clear_errors(change, match, backend):
+    """On every backend, before dispatch."""
+    with use_backend(backend), pytest.raises(ValueError, match=match):
         _call(_good(**change))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(z=[[1.0]]), "z must be a tensor, got list"),
+        (dict(weight=None), "weight must be the depthwise Conv1d weight .* got NoneType"),
+        (dict(bias=[1.0] * 8), "bias must be \\(D,\\) = \\(8,\\) or None, got list"),
+        (dict(cache="c"), "cache must be .* or None, got str"),
+        (dict(weight=torch.zeros(8, 1, 3, dtype=torch.int64)), "weight must have z's dtype"),
+        (dict(bias=torch.zeros(8, dtype=torch.int32)), "bias must have z's dtype"),
+        (dict(cache=torch.randn(3, 8, 2)), "cache must be \\(B, D, k - 1\\) = \\(2, 8, 2\\)"),
+        (dict(weight=torch.randn(8, 1, 3, device="meta")), "weight must be on z's device"),
+        (dict(utterance_length=True), "utterance_length must be an int >= 1, got True"),
+        (dict(segment_length=None), "segment_length must be an int >= 1, got None"),
+    ],
+)
+def test_bad_types_raise_clear_errors(change, match, backend):
+    with use_backend(backend), pytest.raises(ValueError, match=match):
+        _call(_good(**change))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("B,D", [(0, 8), (2, 0), (0, 0)])
+@pytest.mark.parametrize("R", [0, 2])
+def test_empty_batch_or_channels(backend, B, D, R):
+    """No batch element or no channel: an empty y and zero gradients on every backend (the
+    reference used to fail in a reshape(-1, 0, ...) or in F.conv1d(groups=0))."""
+    U, k = 5, 3
+    z = torch.randn(3 * R + U, B, D, requires_grad=True)
+    w, b = torch.randn(D, 1, k, requires_grad=True), torch.randn(D, requires_grad=True)
+    cache = torch.randn(B, D, k - 1, requires_grad=True)
+    with use_backend(backend):
+        y = emformer_segment_conv(z, w, b, cache, utterance_length=U, segment_length=2,
+                                  right_context=R)  # fmt: skip
+        grads = torch.autograd.grad(y.sum(), (z, w, b, cache))
+    assert y.shape == z.shape
+    for g, t in zip(grads, (z, w, b, cache)):
+        assert g.shape == t.shape and not g.any()
+
+
+def test_one_channel_with_any_last_stride():
+    """D = 1: a z with a last stride of 7 is 'contiguous' to torch (the op's copy keeps the
+    stride), and the kernel, which reads one channel, used to refuse it."""
+    z = torch.randn(11, 2, 1).as_strided((11, 2, 1), (2, 1, 7))  # contiguous, last stride 7
+    assert z.is_contiguous() and z.stride(-1) == 7
+    w, b = torch.randn(1, 1, 3), torch.randn(1)
+    args = dict(utterance_length=5, segment_length=2, right_context=2)
+    with use_backend("triton"):
+        got = emformer_segment_conv(z, w, b, None, **args)
+    torch.testing.assert_close(got, emformer_segment_conv_ref(z, w, b, None, *args.values()))
+
+
+def test_nan_weight_reaches_only_the_inputs_its_tap_reads():
+    """A NaN in tap j of the weight (no cache: zeros before the utterance): dz is NaN exactly
+    where the float64 reference has it, the frames read at tap j; the kernel used to add
+    w[j] * 0 (NaN) for the last frames, which no output reads at tap j."""
+    case = Case("nan_w", 1, 16, 3, 4, 0, 20, cache=False)
+    gen = torch.Generator().manual_seed(3088)
+    st64, dy64 = _inputs(case, gen)
+    st64["weight"][4, 0, 0] = math.nan
+    (got, got_grads), (oracle, oracle_grads), (ref, ref_grads) = _poisoned_runs(case, st64, dy64)
+    assert_close_to_oracle(got, oracle, ref, name="y")
+    assert oracle_grads["z"].isnan().any() and not oracle_grads["z"][-2:].isnan().any()
+    for name, g in got_grads.items():
+        assert_close_to_oracle(g, oracle_grads[name], ref_grads[name], name=f"d{name}")
 
 
 def test_backend_choice_and_refusals():
@@ -389,3 +467,21 @@ def test_cuda_kernel_matches_oracle(case, dtype):
 def test_device_tier_logic_on_cpu():
     """The cuda tier's own code path, at a small size in the interpreter."""
     _device_tier(Case("base_small", 2, 40, 8, 16, 4, 37, layout="bmajor"), torch.float16, "cpu")
+
+
+def test_inf_weight_gives_the_references_nan():
+    """An Inf tap: a cache frame that the utterance and an rc block both read at that tap gets
+    w * dy_a + w * dy_b in the reference (two convolutions), +Inf - Inf = NaN when the dy have
+    opposite signs; the kernel used to form w * (dy_a + dy_b), an Inf. D = 1, so every
+    gradient entry is its own slice and the NaN must be there."""
+    case = Case("inf_w", 2, 1, 5, 1, 3, 8, n=1)  # block 0's window: cache frames -3 .. -1
+    gen = torch.Generator().manual_seed(4)
+    st64, dy64 = _inputs(case, gen)
+    st64["weight"][0, 0, 1] = math.inf
+    (got, got_grads), (oracle, oracle_grads), (ref, ref_grads) = _poisoned_runs(case, st64, dy64)
+    assert oracle_grads["z"].isnan().any() and oracle_grads["cache"].isnan().any()
+    assert_close_to_oracle(got, oracle, ref, name="y")
+    for name, g in got_grads.items():
+        assert_poisoned_grad_close_to_oracle(
+            g, oracle_grads[name], ref_grads[name], name=f"d{name}"
+        )

@@ -14,9 +14,11 @@ import pytest
 import torch
 from seqkern._triton import emformer_attention as E
 
+from seqkern import backends, use_backend
 from seqkern.modules.emformer import _EmformerBase, _key_padding_mask
+from seqkern.ops.emformer import emformer_attention, emformer_segment_attention
 from seqkern.reference.emformer import emformer_attention_ref
-from seqkern.testing import assert_close_to_oracle
+from seqkern.testing import assert_close_to_oracle, assert_poisoned_grad_close_to_oracle
 
 
 class Case:
@@ -286,6 +288,31 @@ def test_writes_into_packed_gradient_buffers_and_is_deterministic():
     assert not packed.isnan().any()
 
 
+def _segment_op_args(**change):
+    """emformer_segment_attention's arguments (training: U = 10, s = 4, n = 3, R = 1, M = 2)."""
+    D, R, U = 32, 1, 10
+    args = dict(
+        q_rc=torch.zeros(3 * R, 2, D),
+        q_utt=torch.zeros(U, 2, D),
+        q_sum=torch.zeros(3, 2, D),
+        k_mem=torch.zeros(2, 2, D),
+        k_rc=torch.zeros(3 * R, 2, D),
+        k_lc=None,
+        k_utt=torch.zeros(U, 2, D),
+        v_mem=torch.zeros(2, 2, D),
+        v_rc=torch.zeros(3 * R, 2, D),
+        v_lc=None,
+        v_utt=torch.zeros(U, 2, D),
+        num_heads=2,
+        segment_length=4,
+        right_context=R,
+        left_context=2,
+        max_memory=2,
+    )
+    args.update(change)
+    return args
+
+
 @pytest.mark.parametrize(
     "change,match",
     [
@@ -303,27 +330,270 @@ def test_writes_into_packed_gradient_buffers_and_is_deterministic():
     ],
 )
 def test_bad_arguments_raise_clear_errors(change, match):
-    R, U, D = 1, 10, 32
-    args = dict(
-        q_rc=torch.zeros(3 * R, 2, D),
-        q_utt=torch.zeros(U, 2, D),
-        q_sum=torch.zeros(3, 2, D),
-        k_mem=torch.zeros(2, 2, D),
-        k_rc=torch.zeros(3 * R, 2, D),
-        k_lc=None,
-        k_utt=torch.zeros(U, 2, D),
-        v_mem=torch.zeros(2, 2, D),
-        v_rc=torch.zeros(3 * R, 2, D),
-        v_lc=None,
-        v_utt=torch.zeros(U, 2, D),
-    )
-    kwargs = dict(
-        num_heads=2, segment_length=4, right_context=R, left_context=2, max_memory=2, scale=0.25
-    )
+    args = _segment_op_args(scale=0.25)
     for key, val in change.items():
-        (args if key in args else kwargs)[key] = val
+        args[key] = val
+    streams = [args.pop(name) for name in E.STREAMS]
     with pytest.raises(ValueError, match=match):
-        E.segment_attention_fwd(*(args[name] for name in E.STREAMS), **kwargs)
+        E.segment_attention_fwd(*streams, **args)
+
+
+# ---------------------------------------------------------------------------------------------
+# The public ops: argument checks on every backend, and regressions the fuzz suite found
+
+
+def _call_segment(args):
+    args = dict(args)
+    streams = [args.pop(name) for name in E.STREAMS]
+    return emformer_segment_attention(*streams, **args)
+
+
+def _meta(*shape, dtype=torch.float32):
+    return torch.zeros(*shape, dtype=dtype, device="meta")
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(q_utt=[[0.0]]), "q_utt must be a tensor"),
+        (dict(k_rc=None), "k_rc must be a tensor"),
+        (dict(q_sum=[0.0]), r"q_sum must be \(T, B=2, D=32\), got list"),
+        (dict(q_utt=torch.zeros(10, 64)), r"q_utt must be \(U, B, D\), got shape \(10, 64\)"),
+        (dict(k_utt=torch.zeros(10, 2, 2, 16)), r"k_utt must be \(T, B=2, D=32\)"),
+        (dict(k_rc=torch.zeros(3, 3, 32)), r"k_rc must be \(T, B=2, D=32\), got \(3, 3, 32\)"),
+        (dict(v_mem=torch.zeros(2, 2, 16)), r"v_mem must be \(T, B=2, D=32\)"),
+        (dict(v_utt=torch.zeros(9, 2, 32)), "v_utt must have k_utt's shape"),
+        (dict(q_utt=torch.zeros(10, 2, 32, dtype=torch.int64)), "q_utt must be a floating-point"),
+        (dict(k_utt=torch.zeros(10, 2, 32, dtype=torch.int32)), "k_utt must have q_utt's dtype"),
+        (dict(v_rc=torch.zeros(3, 2, 32, dtype=torch.float16)), "v_rc must have q_utt's dtype"),
+        (dict(q_sum=torch.zeros(3, 2, 32, dtype=torch.float64)), "q_sum must have q_utt's dtype"),
+        (dict(v_utt=_meta(10, 2, 32)), "v_utt must be on q_utt's device cpu, got meta"),
+        (dict(k_mem=None), "k_mem and v_mem must both be given"),
+        (dict(k_lc=torch.zeros(0, 2, 32)), "k_lc and v_lc must both be given"),
+        (dict(num_heads=3), "num_heads must be a positive divisor of D = 32, got 3"),
+        (dict(num_heads=True), "num_heads must be a positive divisor"),
+        (dict(num_heads=2.0), "num_heads must be a positive divisor"),
+        (dict(segment_length=True), "segment_length must be an int >= 1, got True"),
+        (dict(segment_length=4.0), "segment_length must be an int >= 1, got 4.0"),
+        (dict(right_context=-1), "right_context must be an int >= 0"),
+        (dict(max_memory=None), "max_memory must be an int >= 0, got None"),
+        (dict(q_rc=torch.zeros(2, 2, 32)), r"q_rc must have n \* R = 3 \* 1 rows"),
+        (dict(q_utt=torch.zeros(9, 2, 32)), "q_utt and k_utt must have the same U"),
+        (dict(key_lengths=torch.zeros(2)), r"key_lengths must be a \(B,\) = \(2,\) int32/int64"),
+        (dict(key_lengths=[10, 10]), "key_lengths must be"),
+        (dict(key_lengths=torch.zeros(3, dtype=torch.int32)), "key_lengths must be"),
+        (dict(key_lengths=_meta(2, dtype=torch.int32)), "key_lengths must be"),
+        (dict(past_length=torch.zeros(1, dtype=torch.int32)), "past_length is for infer"),
+        (dict(dropout_p="0.1"), r"dropout_p must be a number in \[0, 1\], got '0.1'"),
+        (dict(dropout_p=1.5), "dropout_p must be a number in"),
+        (dict(negative_inf=None), "negative_inf must be a finite number"),
+        (dict(negative_inf=float("nan")), "negative_inf must be a finite number"),
+        (
+            {n: torch.zeros(r, 2, 0) for n, r in [("q_rc", 3), ("q_utt", 10), ("k_mem", 2)]}
+            | {n: torch.zeros(r, 2, 0) for n, r in [("k_rc", 3), ("k_utt", 10), ("v_mem", 2)]}
+            | {n: torch.zeros(r, 2, 0) for n, r in [("v_rc", 3), ("v_utt", 10)]}
+            | dict(q_sum=None, num_heads=1),
+            "q_utt must have D >= 1 features",
+        ),
+    ],
+)
+def test_segment_op_bad_inputs_raise_clear_errors(change, match, backend):
+    """On every backend, before dispatch (the reference would fail in a cat or a view, or
+    divide by zero for D = 0; a bool is no count, a string no probability)."""
+    with use_backend(backend), pytest.raises(ValueError, match=match):
+        _call_segment(_segment_op_args(**change))
+
+
+def test_segment_op_infer_bad_inputs_raise_clear_errors():
+    args = _segment_op_args(
+        q_rc=torch.zeros(1, 2, 32),
+        q_utt=torch.zeros(4, 2, 32),
+        q_sum=torch.zeros(1, 2, 32),
+        k_rc=torch.zeros(1, 2, 32),
+        k_utt=torch.zeros(4, 2, 32),
+        v_rc=torch.zeros(1, 2, 32),
+        v_utt=torch.zeros(4, 2, 32),
+        k_lc=torch.zeros(3, 2, 32),
+        v_lc=torch.zeros(3, 2, 32),
+    )
+    for backend in ("reference", "triton"):
+        with use_backend(backend):
+            for past, match in [
+                (torch.zeros(1), "past_length must be an integer tensor"),
+                (torch.zeros(0, dtype=torch.int32), "past_length must be an integer tensor"),
+                (3, "past_length must be an integer tensor"),
+                (_meta(1, dtype=torch.int32), "past_length must be an integer tensor on cpu"),
+            ]:
+                with pytest.raises(ValueError, match=match):
+                    _call_segment(dict(args, past_length=past))
+            with pytest.raises(ValueError, match=r"q_sum must have 0 or n = 1 rows \(infer\)"):
+                _call_segment(dict(args, q_sum=torch.zeros(2, 2, 32)))
+
+
+def _dense_args(**change):
+    args = dict(
+        query=torch.randn(3, 2, 32),
+        key=torch.randn(4, 2, 32),
+        value=torch.randn(4, 2, 32),
+        attention_mask=torch.zeros(3, 4, dtype=torch.bool),
+        key_padding_mask=None,
+        num_heads=2,
+    )
+    args.update(change)
+    return args
+
+
+@pytest.mark.parametrize("backend", sorted(backends.kernels("emformer_attention")))
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(query=[[1.0]]), "query must be a tensor, got list"),
+        (dict(value="v"), "value must be a tensor, got str"),
+        (dict(query=torch.randn(3, 64)), r"query must be \(T, B, D\), got shape \(3, 64\)"),
+        (dict(key=torch.randn(4, 2, 2, 16)), r"key must be \(T, B, D\)"),
+        (dict(query=torch.zeros(3, 2, 32, dtype=torch.int64)), "query must be a floating-point"),
+        (dict(value=torch.randn(4, 2, 32).double()), "value must have query's dtype"),
+        (
+            dict(key=torch.randn(4, 3, 32), value=torch.randn(4, 3, 32)),
+            "key must be \\(Tk, B, D\\)",
+        ),
+        (dict(value=torch.randn(5, 2, 32)), "value must have key's shape"),
+        (dict(key=_meta(4, 2, 32)), "key must be on query's device cpu, got meta"),
+        (dict(attention_mask=torch.zeros(3, 4)), "attention_mask must be bool"),
+        (dict(attention_mask=[[False] * 4] * 3), "attention_mask must be a bool tensor, got list"),
+        (dict(attention_mask=torch.zeros(4, 3, dtype=torch.bool)), r"shape \(3, 4\)"),
+        (dict(key_padding_mask=torch.zeros(3, 4, dtype=torch.bool)), r"shape \(2, 4\)"),
+        (dict(key_padding_mask=torch.zeros(2, 4, dtype=torch.int64)), "key_padding_mask must be"),
+        (dict(key_padding_mask=_meta(2, 4, dtype=torch.bool)), "key_padding_mask must be on"),
+        (dict(num_heads=3), "num_heads must be a positive divisor of D = 32, got 3"),
+        (dict(num_heads=True), "num_heads must be a positive divisor"),
+        (
+            dict(query=torch.randn(3, 2, 0), key=torch.randn(4, 2, 0), value=torch.randn(4, 2, 0)),
+            "query must have D >= 1 features",
+        ),
+        (dict(dropout_p=None), "dropout_p must be a number in"),
+        (dict(negative_inf="-1e8"), "negative_inf must be a finite number"),
+    ],
+)
+def test_dense_op_bad_inputs_raise_clear_errors(change, match, backend):
+    args = _dense_args(**change)
+    with use_backend(backend), pytest.raises(ValueError, match=match):
+        emformer_attention(**args)
+
+
+@pytest.mark.parametrize("with_padding", [False, True])
+def test_dense_op_empty_batch_and_rows(with_padding):
+    """B = 0 or Tq = Tk = 0 with a key padding mask: an empty output (the reference's
+    view(..., -1) of an empty tensor used to raise)."""
+    for B, tq, tk in [(0, 3, 4), (2, 0, 0), (0, 0, 0)]:
+        q = torch.randn(tq, B, 16, requires_grad=True)
+        k = torch.randn(tk, B, 16, requires_grad=True)
+        kpm = torch.zeros(B, tk, dtype=torch.bool) if with_padding else None
+        out = emformer_attention(q, k, k, torch.zeros(tq, tk, dtype=torch.bool), kpm, 2)
+        assert out.shape == (tq, B, 16)
+
+
+def _poisoned_case(B=2, H=2, U=12, s=4, R=1, M=2, infer=False, past=None, seed=0):
+    """float64 streams of a training (3 segments) or infer (3 memory, 5 lc rows) problem."""
+    gen = torch.Generator().manual_seed(seed)
+    D = H * 16
+
+    def rnd(rows):
+        return torch.randn(rows, B, D, generator=gen, dtype=torch.float64)
+
+    if infer:
+        st = dict(q_rc=rnd(R), q_utt=rnd(U), q_sum=rnd(1), k_mem=rnd(3), k_rc=rnd(R))
+        st.update(k_lc=rnd(5), k_utt=rnd(U), v_mem=rnd(3), v_rc=rnd(R), v_lc=rnd(5), v_utt=rnd(U))
+    else:
+        n = math.ceil(U / s)
+        st = dict(q_rc=rnd(n * R), q_utt=rnd(U), q_sum=rnd(n), k_mem=rnd(n - 1), k_rc=rnd(n * R))
+        st.update(k_lc=None, k_utt=rnd(U), v_mem=rnd(n - 1), v_rc=rnd(n * R), v_lc=None)
+        st["v_utt"] = rnd(U)
+    kwargs = dict(num_heads=H, segment_length=s, right_context=R, left_context=0, max_memory=M)
+    if past is not None:
+        kwargs["past_length"] = torch.tensor([past], dtype=torch.int32)
+    return st, kwargs, gen
+
+
+def _grads_on(backend, st64, kwargs, dout64, dtype):
+    leaves = {n: t.to(dtype).requires_grad_() for n, t in st64.items() if t is not None}
+    with use_backend(backend):
+        out = emformer_segment_attention(*(leaves.get(n) for n in E.STREAMS), **kwargs)
+    grads = torch.autograd.grad(out, list(leaves.values()), dout64.to(dtype))
+    return out, dict(zip(leaves, grads))
+
+
+def _assert_poisoned_run_matches_upstream(st64, kwargs, gen):
+    tq = st64["q_rc"].size(0) + st64["q_utt"].size(0) + st64["q_sum"].size(0)
+    dout = torch.randn(tq, *st64["q_utt"].shape[1:], generator=gen, dtype=torch.float64)
+    got, got_g = _grads_on("triton", st64, kwargs, dout, torch.float32)
+    oracle, oracle_g = _grads_on("reference", st64, kwargs, dout, torch.float64)
+    ref, ref_g = _grads_on("reference", st64, kwargs, dout, torch.float32)
+    assert_close_to_oracle(got, oracle, ref, name="out")
+    for name in got_g:
+        assert_poisoned_grad_close_to_oracle(
+            got_g[name], oracle_g[name], ref_g[name], name=f"d{name}"
+        )
+
+
+@pytest.mark.parametrize("H", [1, 2])
+def test_nan_value_gradients_are_upstreams(H):
+    """A NaN value (last segment): upstream's dense P @ V and P^T dO make out NaN in that
+    column for every query row and dQ / dK NaN for every row and key of the (b, h) (through
+    delta = dO . out); dV stays finite and exact. The kernel used to zero dO where the NaN
+    pattern was set (dV off by O(1)) and to leave dQ of the other segments finite."""
+    st, kwargs, gen = _poisoned_case(H=H)
+    st["v_utt"][-1, 0, 5] = math.nan
+    _assert_poisoned_run_matches_upstream(st, kwargs, gen)
+
+
+@pytest.mark.parametrize("stream", ["q_utt", "k_utt"])
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_nonfinite_query_or_key_gradients_stay_where_upstream_has_them(stream, value):
+    """A NaN/Inf query or key: a logit hidden from the NaN row passes no gradient (upstream's
+    masked_fill); the kernel's dS = P (dP - delta) was 0 * NaN there, NaN in keys the row never
+    sees. Key padding is on, so a padded key sits in the same tile."""
+    st, kwargs, gen = _poisoned_case()
+    kwargs["key_lengths"] = torch.tensor([20, 9], dtype=torch.int32)
+    st[stream][5, 1, 3] = value
+    _assert_poisoned_run_matches_upstream(st, kwargs, gen)
+
+
+def test_nan_query_leaves_state_rows_past_length_drops_at_zero():
+    """Infer with past_length: memory row 0 is no key (2 of 3 valid) and gets exactly 0, not
+    0 * the NaN query row (dK = dS^T Q over the tile)."""
+    st, kwargs, gen = _poisoned_case(U=4, R=2, infer=True, past=5)
+    st["q_rc"][0, 0, 7] = math.nan
+    _assert_poisoned_run_matches_upstream(st, kwargs, gen)
+    _, grads = _grads_on(
+        "triton", st, kwargs, torch.ones(7, 2, 32, dtype=torch.float64), torch.float32
+    )
+    assert not grads["k_mem"][0].any() and not grads["v_mem"][0].any()
+
+
+def test_empty_batch_with_strided_streams():
+    """B = 0 with a stream whose last stride is not 1 (an empty tensor is 'contiguous', so the
+    op's copy keeps the stride): the kernel used to refuse it."""
+    st, kwargs, gen = _poisoned_case(B=0)
+    st["k_utt"] = torch.zeros(12, 0, 64, dtype=torch.float64)[..., ::2]
+    out, grads = _grads_on("triton", st, kwargs, torch.zeros(18, 0, 32), torch.float32)
+    assert out.shape == (18, 0, 32) and grads["k_utt"].shape == (12, 0, 32)
+
+
+@pytest.mark.xfail(strict=True, reason="known deviation: a row whose every visible logit is -inf")
+def test_row_with_only_minus_inf_logits():
+    """An Inf in a query makes every logit its row sees -inf (one key: R = 0, s = 1, LC = 0).
+    Upstream then softmaxes over the *hidden* keys (filled with the finite negative_inf), so
+    the row gets the mean of the values it cannot see; the kernel treats it as a row that sees
+    no key (0). Not fixed (documented in emformer_segment_attention): it needs each row's sum of
+    the values hidden from it."""
+    st, kwargs, gen = _poisoned_case(B=1, H=1, U=4, s=1, R=0, M=0, seed=2)
+    st["q_sum"] = None
+    key = st["k_utt"][2, 0]
+    st["q_utt"][2, 0] = 0.0
+    st["q_utt"][2, 0, 0] = -math.inf if key[0] > 0 else math.inf  # q . k = -inf
+    _assert_poisoned_run_matches_upstream(st, kwargs, gen)
 
 
 CUDA_CASES = [
