@@ -29,11 +29,17 @@ transducer decoder need to fill a GPU. dP = dO V^T contracts over all of V, so t
 kernels loop over V tiles for it; no kernel ever holds more than a BLOCK_V slice of a value row.
 
 Kernels (each grid is one flat axis, block-major, so neighbouring programs share their block's
-q, k and v in L2):
+q, k and v in L2), the backward's in launch order:
     _chunk_attention_fwd_kernel       (block, query tile, V tile): online softmax, out, lse
+    _chunk_attention_bwd_dq_kernel    (block, query tile): a first sweep sums each row's p and
+                                      p dp (delta and 1 / sum p, stored), a second dQ = scale dS K
+                                      and the bias gradient
     _chunk_attention_bwd_dk_kernel    (block, key tile): dK = scale dS^T Q, dS = P (dP - delta)
     _chunk_attention_bwd_dv_kernel    (block, key tile, V tile): dV = P^T dO
-    _chunk_attention_bwd_dq_kernel    (block, query tile): dQ = scale dS K, and the bias gradient
+P is exp(s - lse) / sum_j exp(s - lse) and delta = sum_j P dP, both from the kernels' own p and
+dp rather than delta = dO . O: the output rounded to its dtype (and the rounding of lse) would
+leave an error in every dS of a row that the oracle's softmax backward does not have (with one
+visible key dS is exactly 0). A hidden logit (-inf) passes no gradient, also in a NaN row.
 No atomics anywhere: every output element and workspace entry has exactly one writer, so the
 backward is deterministic. Causal and key-padding limits skip whole tiles (loops stop at the last
 visible key of the block).
@@ -87,13 +93,72 @@ def _scores(
         s += tl.load(BIAS + (on - om + LQ - 1) * s_bi, mask=inside, other=0.0).to(tl.float32)
     else:
         s += tl.load(BIAS + om * s_bi + on * s_bj, mask=inside, other=0.0).to(tl.float32)
-    visible = (on < LK) & (om >= 0)
+    # rows and columns past the ends are hidden too: their zero-filled q or k times an Inf in
+    # the other would be NaN, which dS = P (dP - delta) would carry into the dot products
+    visible = inside
     if CAUSAL:
         visible = visible & (on <= om + (LK - LQ))
     if HAS_KPM:
         padded = tl.load(KPM + kpm_row + on, mask=on < LK, other=1)  # int8, 1 = padding
         visible = visible & (padded == 0)
     return tl.where(visible, s, float("-inf"))
+
+
+@triton.jit
+def _probs_t(
+    q,
+    k,
+    offs_m,
+    offs_n,
+    LQ,
+    LK,
+    scale,
+    BIAS,
+    s_bi,
+    s_bj,
+    KPM,
+    kpm_row,
+    LSE,
+    DELTA,
+    row0,
+    BIAS_MODE: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """The dK and dV kernels' keys-by-queries tile (N, M): the masked logits s and
+    P^T = exp(s - lse) / sum(p), each query row normalised by the 1 / sum(p) that the dq
+    kernel's first sweep stored (so every kernel differentiates the same P)."""
+    s = _scores(
+        q,
+        k,
+        offs_m,
+        offs_n,
+        LQ,
+        LK,
+        scale,
+        BIAS,
+        s_bi,
+        s_bj,
+        KPM,
+        kpm_row,
+        BIAS_MODE,
+        CAUSAL,
+        HAS_KPM,
+        PRECISION,
+        True,
+    )
+    mask_m = offs_m < LQ
+    lse = tl.load(LSE + row0 + offs_m, mask=mask_m, other=float("inf"))
+    norm = tl.load(DELTA + 2 * (row0 + offs_m) + 1, mask=mask_m, other=0.0)
+    return s, tl.exp(s - lse[None, :]) * norm[None, :]
+
+
+@triton.jit
+def _logit_grad(p, dp, delta, s):
+    """dS = P (dP - delta), 0 where the logit is hidden (-inf): no gradient passes there, also
+    when the row's delta or a dP entry is NaN (autograd through the oracle's masked_fill)."""
+    return tl.where(s == float("-inf"), 0.0, p * (dp - delta))
 
 
 @triton.jit
@@ -337,7 +402,7 @@ def _chunk_attention_bwd_dk_kernel(
         offs_m = m0 + offs_m0
         mask_m = offs_m < LQ
         q = _load_2d(q_ptr, offs_m, offs_k, s_ql, s_qk, LQ, KD)
-        s = _scores(
+        s, p = _probs_t(
             q,
             k,
             offs_m,
@@ -350,14 +415,14 @@ def _chunk_attention_bwd_dk_kernel(
             s_bj,
             KPM,
             g.to(tl.int64) * LK,
+            LSE,
+            DELTA,
+            row0,
             BIAS_MODE,
             CAUSAL,
             HAS_KPM,
             PRECISION,
-            True,
-        )  # (N, M)
-        lse = tl.load(LSE + row0 + offs_m, mask=mask_m, other=float("inf"))
-        p = tl.exp(s - lse[None, :])
+        )  # (N, M): logits and P^T
         dp = _dp_tile(
             do_ptr,
             v_ptr,
@@ -376,8 +441,8 @@ def _chunk_attention_bwd_dk_kernel(
             PRECISION,
             True,
         )
-        delta = tl.load(DELTA + row0 + offs_m, mask=mask_m, other=0.0)
-        ds = p * (dp - delta[None, :])  # dS^T
+        delta = tl.load(DELTA + 2 * (row0 + offs_m), mask=mask_m, other=0.0)
+        ds = _logit_grad(p, dp, delta[None, :], s)  # dS^T
         dk += tl.dot(ds.to(q.dtype), q, input_precision=PRECISION)
     dk_ptr = DK + (b * NBLK + c) * LK * KD  # DK is (B, Lk, K) contiguous
     mask_nk = (offs_n[:, None] < LK) & (offs_k[None, :] < KD)
@@ -397,6 +462,7 @@ def _chunk_attention_bwd_dv_kernel(
     KEND,
     DO,
     LSE,
+    DELTA,
     DV,
     s_qb,
     s_ql,
@@ -448,7 +514,7 @@ def _chunk_attention_bwd_dv_kernel(
     for m0 in range(m_start, m_end, BLOCK_M):
         offs_m = m0 + offs_m0
         q = _load_2d(q_ptr, offs_m, offs_k, s_ql, s_qk, LQ, KD)
-        s = _scores(
+        _, p = _probs_t(
             q,
             k,
             offs_m,
@@ -461,14 +527,14 @@ def _chunk_attention_bwd_dv_kernel(
             s_bj,
             KPM,
             g.to(tl.int64) * LK,
+            LSE,
+            DELTA,
+            row0,
             BIAS_MODE,
             CAUSAL,
             HAS_KPM,
             PRECISION,
-            True,
-        )  # (N, M)
-        lse = tl.load(LSE + row0 + offs_m, mask=offs_m < LQ, other=float("inf"))
-        p = tl.exp(s - lse[None, :])  # P^T
+        )  # (N, M): P^T
         do = _load_2d(do_ptr, offs_m, offs_v, s_dol, s_dov, LQ, VD)
         dv += tl.dot(p.to(do.dtype), do, input_precision=PRECISION)
     dv_ptr = DV + (b * NBLK + c) * LK * VD  # DV is (B, Lk, V) contiguous
@@ -542,7 +608,8 @@ def _chunk_attention_bwd_dq_kernel(
     mask_m = offs_m < LQ
     q = _load_2d(q_ptr, offs_m, offs_k, s_ql, s_qk, LQ, KD)
     lse = tl.load(LSE + row0 + offs_m, mask=mask_m, other=float("inf"))
-    delta = tl.load(DELTA + row0 + offs_m, mask=mask_m, other=0.0)
+    delta = tl.zeros([BLOCK_M], dtype=tl.float32)
+    norm = tl.zeros([BLOCK_M], dtype=tl.float32)
     dq = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
     # REL: the tile's diagonal sums from one gather: row i of dS rolled left by i,
     # rolled[i, d] = dS[i, (i + d) mod BLOCK_N], holds offset j - i = d where i + d < BLOCK_N
@@ -552,62 +619,81 @@ def _chunk_attention_bwd_dq_kernel(
     # written exactly once (deterministic, no atomics).
     carry = tl.zeros([BLOCK_N], dtype=tl.float32)
     n_end = _key_end(LQ, LK, m0, KEND, g, CAUSAL, HAS_KPM, BLOCK_M)
-    for n0 in range(0, n_end, BLOCK_N):
-        offs_n = n0 + offs_n0
-        k = _load_2d(k_ptr, offs_n, offs_k, s_kl, s_kk, LK, KD)
-        s = _scores(
-            q,
-            k,
-            offs_m,
-            offs_n,
-            LQ,
-            LK,
-            scale,
-            BIAS,
-            s_bi,
-            s_bj,
-            KPM,
-            g.to(tl.int64) * LK,
-            BIAS_MODE,
-            CAUSAL,
-            HAS_KPM,
-            PRECISION,
-            False,
-        )
-        p = tl.exp(s - lse[:, None])
-        dp = _dp_tile(
-            do_ptr,
-            v_ptr,
-            offs_m,
-            offs_n,
-            s_dol,
-            s_dov,
-            s_vl,
-            s_vv,
-            LQ,
-            LK,
-            VD,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_V,
-            PRECISION,
-            False,
-        )
-        ds = p * (dp - delta[:, None])  # d logits; exactly 0 wherever a key is hidden
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-        if BIAS_GRAD:
-            if BIAS_MODE == 1:
-                shift = tl.arange(0, BLOCK_M)[:, None] + offs_n0[None, :]
-                rolled = tl.gather(ds, shift % BLOCK_N, 1)
-                hi = tl.sum(tl.where(shift < BLOCK_N, rolled, 0.0), axis=0)
-                lo = tl.sum(tl.where(shift >= BLOCK_N, rolled, 0.0), axis=0)
-                # row (g, query tile); entry r + BLOCK_N holds offset r = j - i + LQ - 1
-                tl.store(WS + pid.to(tl.int64) * ws_row + (n0 - m0 + LQ - 1) + offs_n0, lo + carry)
-                carry = hi
+    # Two sweeps over the keys. The first sums p and p * dp from this kernel's own p and dp, and
+    # the second accumulates dQ and the bias gradient from p / sum(p) and delta = sum(p dp) /
+    # sum(p): a row's dS then sums to zero to fp32 rounding, as the oracle's softmax backward
+    # does, which delta = do . out (out rounded to its dtype) and the rounding of lse break
+    # (with one visible key dS is exactly 0). Both are stored for the dK and dV kernels,
+    # launched after: DELTA is (rows, 2), (delta, 1 / sum(p)) per row.
+    for stage in tl.static_range(2):
+        for n0 in range(0, n_end, BLOCK_N):
+            offs_n = n0 + offs_n0
+            k = _load_2d(k_ptr, offs_n, offs_k, s_kl, s_kk, LK, KD)
+            s = _scores(
+                q,
+                k,
+                offs_m,
+                offs_n,
+                LQ,
+                LK,
+                scale,
+                BIAS,
+                s_bi,
+                s_bj,
+                KPM,
+                g.to(tl.int64) * LK,
+                BIAS_MODE,
+                CAUSAL,
+                HAS_KPM,
+                PRECISION,
+                False,
+            )
+            p = tl.exp(s - lse[:, None])
+            dp = _dp_tile(
+                do_ptr,
+                v_ptr,
+                offs_m,
+                offs_n,
+                s_dol,
+                s_dov,
+                s_vl,
+                s_vv,
+                LQ,
+                LK,
+                VD,
+                BLOCK_M,
+                BLOCK_N,
+                BLOCK_V,
+                PRECISION,
+                False,
+            )
+            if stage == 0:
+                norm += tl.sum(p, axis=1)
+                delta += tl.sum(p * dp, axis=1)
             else:
-                # DENSE: WS is (blocks, LQ, LK) fp32, each entry written by one program
-                ptrs = WS + row0 * LK + offs_m[:, None] * LK + offs_n[None, :]
-                tl.store(ptrs, ds, mask=mask_m[:, None] & (offs_n[None, :] < LK))
+                p = p * norm[:, None]
+                ds = _logit_grad(p, dp, delta[:, None], s)  # d logits
+                dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+                if BIAS_GRAD:
+                    if BIAS_MODE == 1:
+                        shift = tl.arange(0, BLOCK_M)[:, None] + offs_n0[None, :]
+                        rolled = tl.gather(ds, shift % BLOCK_N, 1)
+                        hi = tl.sum(tl.where(shift < BLOCK_N, rolled, 0.0), axis=0)
+                        lo = tl.sum(tl.where(shift >= BLOCK_N, rolled, 0.0), axis=0)
+                        # row (g, query tile); entry r + BLOCK_N holds offset r = j - i + LQ - 1
+                        ws_off = pid.to(tl.int64) * ws_row + (n0 - m0 + LQ - 1) + offs_n0
+                        tl.store(WS + ws_off, lo + carry)
+                        carry = hi
+                    else:
+                        # DENSE: WS is (blocks, LQ, LK) fp32, each entry written by one program
+                        ptrs = WS + row0 * LK + offs_m[:, None] * LK + offs_n[None, :]
+                        tl.store(ptrs, ds, mask=mask_m[:, None] & (offs_n[None, :] < LK))
+        if stage == 0:
+            empty = norm == 0.0  # rows that see no key: p = 0
+            norm = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, norm))
+            delta = delta * norm
+            tl.store(DELTA + 2 * (row0 + offs_m), delta, mask=mask_m)
+            tl.store(DELTA + 2 * (row0 + offs_m) + 1, norm, mask=mask_m)
     if BIAS_GRAD:
         if BIAS_MODE == 1:
             n_next = tl.cdiv(tl.maximum(n_end, 0), BLOCK_N) * BLOCK_N  # the first tile not run
@@ -696,7 +782,9 @@ def _padding(key_padding_mask, batch: int, nblk: int, lk: int):
     pad = pad & ~pad.all(dim=-1, keepdim=True)
     positions = torch.arange(1, lk + 1, device=pad.device, dtype=torch.int32)
     key_end = ((~pad) * positions).amax(dim=-1).to(torch.int32).reshape(batch * nblk)
-    return pad.to(torch.int8).reshape(batch * nblk, lk), key_end
+    # the kernels read row g at KPM + g * lk: contiguous, whatever the mask's strides (a
+    # transposed mask keeps its strides through the elementwise ops and `.to`)
+    return pad.to(torch.int8).contiguous().reshape(batch * nblk, lk), key_end
 
 
 def chunk_attention_fwd(q, k, v, bias, key_padding_mask, chunk_size, causal, scaling):
@@ -758,7 +846,9 @@ def chunk_attention_bwd(
     nblk, lq, lk = _geometry(q, k, chunk_size)
     G = B * nblk
     lse = lse.contiguous()  # (B, Lq) = blocks x lq
-    delta = (do.float() * out.float()).sum(-1)  # (B, Lq) = blocks x lq, contiguous
+    # (delta_i = sum_j p_ij dp_ij / sum_j p_ij, 1 / sum_j p_ij) per row, written by the dq
+    # kernel (launched first) for the dK and dV kernels
+    delta = torch.empty((B * Lq, 2), dtype=torch.float32, device=q.device)
     dq = torch.empty((B, Lq, KD), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, Lk, KD), dtype=k.dtype, device=q.device)
     dv = torch.empty((B, Lk, VD), dtype=v.dtype, device=q.device)
@@ -768,40 +858,6 @@ def chunk_attention_bwd(
     flags = dict(BIAS_MODE=mode, CAUSAL=causal, HAS_KPM=kpm is not None, PRECISION=_precision(q))
     strides = (*q.stride(), *k.stride())
     tail = (s_bi, s_bj, nblk, lq, lk, KD, VD, scaling)
-    _chunk_attention_bwd_dk_kernel[(G * triton.cdiv(lk, cfg["dk"]["BLOCK_N"]),)](
-        q,
-        k,
-        v,
-        bias,
-        kpm,
-        key_end,
-        do,
-        lse,
-        delta,
-        dk,
-        *strides,
-        *v.stride(),
-        *do.stride(),
-        *tail,
-        **flags,
-        **cfg["dk"],
-    )
-    n_nt, n_vt = triton.cdiv(lk, cfg["dv"]["BLOCK_N"]), triton.cdiv(VD, cfg["dv"]["BLOCK_V"])
-    _chunk_attention_bwd_dv_kernel[(G * n_nt * n_vt,)](
-        q,
-        k,
-        bias,
-        kpm,
-        key_end,
-        do,
-        lse,
-        dv,
-        *strides,
-        *do.stride(),
-        *tail,
-        **flags,
-        **cfg["dv"],
-    )
     n_mt, bn = triton.cdiv(lq, cfg["dq"]["BLOCK_M"]), cfg["dq"]["BLOCK_N"]
     ws, ws_row = None, 0
     if bias_grad and mode == BIAS_REL:
@@ -829,6 +885,41 @@ def chunk_attention_bwd(
         BIAS_GRAD=ws is not None,
         **flags,
         **cfg["dq"],
+    )
+    _chunk_attention_bwd_dk_kernel[(G * triton.cdiv(lk, cfg["dk"]["BLOCK_N"]),)](
+        q,
+        k,
+        v,
+        bias,
+        kpm,
+        key_end,
+        do,
+        lse,
+        delta,
+        dk,
+        *strides,
+        *v.stride(),
+        *do.stride(),
+        *tail,
+        **flags,
+        **cfg["dk"],
+    )
+    n_nt, n_vt = triton.cdiv(lk, cfg["dv"]["BLOCK_N"]), triton.cdiv(VD, cfg["dv"]["BLOCK_V"])
+    _chunk_attention_bwd_dv_kernel[(G * n_nt * n_vt,)](
+        q,
+        k,
+        bias,
+        kpm,
+        key_end,
+        do,
+        lse,
+        delta,
+        dv,
+        *strides,
+        *do.stride(),
+        *tail,
+        **flags,
+        **cfg["dv"],
     )
     dbias = None
     if ws is not None:

@@ -344,8 +344,8 @@ void bwd_tile(const Problem<scalar_t>& pr, const scalar_t* dy, int64_t dsb, int6
         zrn[j] = zrj;
         if constexpr (kOut) {
           dxacc[j] += wn[j] * zj;
-          Gn[j] += xm[j] * zj;
-          Rn[j] += xm[j] * zrj;
+          Gn[j] += adjoint_term(xm[j], zj);
+          Rn[j] += adjoint_term(xm[j], zrj);
         }
       }
     }

@@ -253,8 +253,8 @@ __global__ void __launch_bounds__(kThreads)
           scan_bwd(z[v][n], zr[v][n], k.q[v][n], k.Q[v][n], k.dQ[v][n], dyv[v], dyf[v]);
           if (kOut) {
             acc += k.w[v][n] * z[v][n];
-            G[v][n] += xm * z[v][n];
-            R[v][n] += xm * zr[v][n];
+            G[v][n] += adjoint_term(xm, z[v][n]);
+            R[v][n] += adjoint_term(xm, zr[v][n]);
           }
         }
       }

@@ -127,6 +127,14 @@ SK_HD void chunk_powers(acc_t q, int64_t n, acc_t* qn, acc_t* nqn1) {
   *nqn1 = static_cast<acc_t>(n) * sk_pow(q, static_cast<acc_t>(n - 1));
 }
 
+// One term x * g of the sums G = sum xm z and R = sum xm zr: 0 where the adjoint g is exactly 0,
+// also for a NaN or Inf input. The recurrence's derivative has no such term (zr is 0 at the last
+// step: the state there never meets q), so a NaN at the last step must not reach dq.
+template <typename acc_t>
+SK_HD acc_t adjoint_term(acc_t x, acc_t g) {
+  return g == acc_t(0) ? acc_t(0) : x * g;
+}
+
 template <typename acc_t>
 struct ParamGrads {
   acc_t damping, decay, expansion, projection;

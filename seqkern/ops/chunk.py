@@ -69,7 +69,9 @@ def _oracle_logits(q, k, bias, key_padding_mask, chunk_size, causal, scaling):
         pad = key_padding_mask.reshape(B, -1, lk)
         pad = pad & ~pad.all(dim=-1, keepdim=True)  # upstream: an all-padding block is unmasked
         hidden = hidden | pad.unsqueeze(2)
-    return logits.masked_fill(hidden, -math.inf), hidden.all(dim=-1, keepdim=True)
+    # a logit -inf by value (a -inf bias, an infinite q or k) is hidden too, as in the oracle
+    logits = logits.masked_fill(hidden | torch.isneginf(logits), -math.inf)
+    return logits, torch.isneginf(logits).all(dim=-1, keepdim=True)
 
 
 def _reference_fwd(q, k, v, bias, key_padding_mask, chunk_size, causal, scaling):
@@ -368,6 +370,11 @@ def _supports_cpu(
 
 
 def _cpu_fwd(q, k, v, bias, key_padding_mask, chunk_size, causal, scaling):
+    if q.dtype == torch.float64:
+        # The op's softmax runs in float32 (upstream's, the oracle's): the one-pass path below
+        # would compute it in float64 and differ from the oracle by the float32 rounding.
+        # float64 is a checking dtype, so it runs the oracle's forward itself, bit for bit.
+        return _reference_fwd(q, k, v, bias, key_padding_mask, chunk_size, causal, scaling)
     B, Lq, K = q.shape
     lq, lk, _ = _block_shape(Lq, k.shape[1], chunk_size)
     q4 = q.reshape(B, -1, lq, K)
@@ -404,8 +411,8 @@ def _cpu_fwd(q, k, v, bias, key_padding_mask, chunk_size, causal, scaling):
             logits = logits.masked_fill(hidden, -math.inf)
         logits = logits.to(stats)
         lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-        if hidden is not None or end == 0:  # a row that sees no key: lse +inf, output 0
-            lse = lse.masked_fill(torch.isneginf(lse), math.inf)
+        # a row that sees no key (hidden, or -inf by value everywhere): lse +inf, output 0
+        lse = lse.masked_fill(torch.isneginf(lse), math.inf)
         probs = torch.exp(logits - lse).to(q.dtype)
         outs.append(torch.matmul(probs, v4[:, :, :end]))
         lses.append(lse)

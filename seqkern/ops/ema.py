@@ -73,6 +73,11 @@ def _reference_bwd(dy, x, damping, decay, expansion, projection, pad_mask, omega
     through `ema_ref`."""
     B, L, D = x.shape
     acc = _acc_dtype(x)
+    if x.numel() == 0:  # no step, batch row or channel: every gradient is 0 (no FFT of length 0)
+        zeros = [torch.zeros(t.shape, dtype=acc, device=x.device) for t in (damping, decay)]
+        zeros += [torch.zeros(t.shape, dtype=acc, device=x.device) for t in (expansion, projection)]
+        domega = x.new_zeros(D if omega is not None else 0, dtype=acc)
+        return (torch.zeros_like(x), *zeros, domega)
     taps = L if not truncation else min(truncation, L)
     p, q = ema_coefficients(damping, decay)
     delta = torch.sigmoid(decay)
@@ -85,12 +90,16 @@ def _reference_bwd(dy, x, damping, decay, expansion, projection, pad_mask, omega
     xm = x.transpose(1, 2)  # (B, D, L)
     if pad_mask is not None:
         xm = xm.masked_fill(pad_mask.unsqueeze(1), 0.0)
-    dy_f = torch.fft.rfft(dy.transpose(1, 2).to(torch.float32), n=n)
-    k_f = torch.fft.rfft(kernel.to(torch.float32), n=n)
+    # The correlations in float32 like autograd through the forward's float32 FFT, except for
+    # float64 inputs: float64 there (another float32 order than autograd's left up to 4x its
+    # rounding in dx and the parameter gradients)
+    fft = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dy_f = torch.fft.rfft(dy.transpose(1, 2).to(fft), n=n)
+    k_f = torch.fft.rfft(kernel.to(fft), n=n)
     # y_t = sum_l k_l xm_{t-l}: dxm_j = sum_t dy_t k_{t-j}, dk_l = sum_t dy_t xm_{t-l}.
     # conj_physical, not the lazy conj bit: an op may run with the Conjugate key excluded.
     dxm = torch.fft.irfft(dy_f * torch.conj_physical(k_f), n=n)[..., :L]
-    x_f = torch.fft.rfft(xm.to(torch.float32), n=n)
+    x_f = torch.fft.rfft(xm.to(fft), n=n)
     dk = torch.fft.irfft(dy_f * torch.conj_physical(x_f), n=n)[..., :taps].sum(0)
     dk = dk.to(kernel.dtype)  # (D, taps)
     if pad_mask is not None:
@@ -110,7 +119,8 @@ def _reference_bwd(dy, x, damping, decay, expansion, projection, pad_mask, omega
         -p * dq * delta * (1 - delta),
         p * da,
         scale * dc,
-        (dy * x).sum((0, 1)) if omega is not None else x.new_empty(0, dtype=acc),
+        # in acc, as autograd through y + x * omega sums it (not rounded to x's dtype per term)
+        (dy.to(acc) * x.to(acc)).sum((0, 1)) if omega is not None else x.new_empty(0, dtype=acc),
     )
     return (_like(dx, x), *(g.to(acc).contiguous() for g in grads))
 

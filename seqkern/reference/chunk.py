@@ -43,7 +43,9 @@ def chunk_attention_ref(
         scaling: multiplies q before the product; default K ** -0.5.
         dropout_p, training: dropout on the probabilities (only when training).
     Returns:
-        (B, Lq, V) in q's dtype. A query row whose keys are all masked gives 0 (upstream: NaN).
+        (B, Lq, V) in q's dtype. A query row that sees no key (all masked, or every logit -inf
+        by value: a -inf bias row, an infinite q or k) gives 0 and passes no gradient
+        (upstream: NaN). A NaN logit, or +inf beside -inf, stays NaN.
 
     Example:
         >>> q, k = torch.randn(2, 10, 8), torch.randn(2, 10, 8)
@@ -81,8 +83,11 @@ def chunk_attention_ref(
     if pad is not None:
         pad = pad & ~pad.all(dim=-1, keepdim=True)  # upstream: an all-padding block is unmasked
         masked = masked | pad.unsqueeze(2)
+    # a logit -inf by value (a -inf bias, an infinite q or k) is hidden as a masked one is: it
+    # passes no gradient, and a row with no other key is a row with no visible key
+    masked = masked | torch.isneginf(logits)
     logits = logits.masked_fill(masked, float("-inf"))
-    dead = masked.all(dim=-1, keepdim=True)  # rows with no visible key
+    dead = masked.all(dim=-1, keepdim=True)  # rows with no visible key: 0, not upstream's NaN
     logits = logits.masked_fill(dead, 0.0)
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32).type_as(logits)
     probs = probs.masked_fill(dead, 0.0)

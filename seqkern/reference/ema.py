@@ -78,6 +78,11 @@ def ema_ref(
         xt = xt.masked_fill(pad_mask.unsqueeze(1), 0.0)
     taps = length if truncation is None else min(truncation, length)
     kernel = ema_kernel_ref(damping, decay, expansion, projection, taps)
+    if x.numel() == 0:  # no step, batch row or channel: nothing to convolve (an FFT needs n > 0)
+        # zeros that keep the graph, so every input gets its gradient: exactly 0 (an empty sum),
+        # also for a NaN parameter (through * 0 of the raw parameters, not through the kernel)
+        anchor = sum(t.sum() for t in (damping, decay, expansion, projection)) * 0
+        return (x * 0 + anchor).to(x.dtype)
     n = 2 * length
     x_f = torch.fft.rfft(xt.to(fft_dtype), n=n)
     k_f = torch.fft.rfft(kernel.to(fft_dtype), n=n)
@@ -109,7 +114,11 @@ def ema_step_ref(
     new_state = (p * expansion).squeeze(-1) * x.unsqueeze(-1)
     if state is not None:
         new_state = new_state + q.squeeze(-1) * state
-    y = torch.einsum("bdn,dn->bd", new_state, projection * scaling)
+    # einsum does not promote: both in the promoted dtype of x, the parameters and the state
+    eta = projection * scaling
+    dt = torch.promote_types(new_state.dtype, eta.dtype)
+    new_state = new_state.to(dt)
+    y = torch.einsum("bdn,dn->bd", new_state, eta.to(dt))
     return y, new_state
 
 

@@ -11,7 +11,7 @@ import torch
 from seqkern import BackendError, use_backend
 from seqkern.ops.chunk import chunk_attention
 from seqkern.reference.chunk import chunk_attention_ref
-from seqkern.testing import assert_close_to_oracle
+from seqkern.testing import assert_close_to_oracle, assert_result_close_to_oracle
 
 
 class Case:
@@ -375,3 +375,106 @@ def test_chunk_attention_torch_compile_fullgraph():
         torch.testing.assert_close(got, want)
         for g, w in zip(got_grads, want_grads, strict=True):
             torch.testing.assert_close(g, w)
+
+
+# ---------------------------------------------------------------------------------------------
+# Regressions found by tests/fuzz/test_fuzz_chunk_ema.py
+
+
+def _grads_vs_oracle(backend, dtype, q, k, v, bias, poisoned=False, **kwargs):
+    """`backend`'s out and gradients against autograd through the oracle in float64, under
+    seqkern.testing's rule (the poisoned rule for gradients when an input holds NaN)."""
+
+    def run(dt, op):
+        leaves = [t.detach().to(dt).requires_grad_() for t in (q, k, v, bias)]
+        out = op(*leaves, **kwargs)
+        dout = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view(out.shape)
+        return [out, *torch.autograd.grad(out, leaves, dout.to(dt))]
+
+    with use_backend(backend):
+        got = run(dtype, chunk_attention)
+    oracle = run(torch.float64, chunk_attention_ref)
+    ref = run(dtype, chunk_attention_ref)
+    for name, g, o, r in zip(["out", "dq", "dk", "dv", "dbias"], got, oracle, ref, strict=True):
+        assert_result_close_to_oracle(g, o, r, name=name, poisoned=poisoned, gradient=name != "out")
+
+
+def test_triton_reads_a_transposed_key_padding_mask():
+    # A (B, Lk) mask seen through a transpose (a time-major (Lk, B) buffer) was read as if
+    # contiguous: every output row of the block wrong (max error ~3 on these inputs).
+    gen = torch.Generator().manual_seed(0)
+    q, k = _rnd(gen, 2, 7, 7), _rnd(gen, 2, 5, 7)
+    v, rel = _rnd(gen, 2, 5, 130), _rnd(gen, 11)
+    pad = torch.tensor([[0, 1, 1, 1, 1], [0, 0, 1, 0, 1]], dtype=torch.bool)
+    for causal in (True, False):
+        _grads_vs_oracle(
+            "triton",
+            torch.float32,
+            q,
+            k,
+            v,
+            rel,
+            key_padding_mask=pad.T.contiguous().T,
+            causal=causal,
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_triton_gradients_of_rows_with_few_keys(dtype):
+    # Lq > Lk, causal: the last rows see one or two keys. delta = dO . O from the output rounded
+    # to its dtype left an error in dS that the oracle's softmax backward does not have (dQ
+    # 7.2e-3 against a bound of 2.3e-3 in fp16, 7.6e-6 against 2.0e-6 in fp32); delta and the
+    # row norm now come from the kernel's own p and dp.
+    seed, scaling = (1, 1.7) if dtype == torch.float16 else (0, 3.0)
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = _rnd(gen, 2, 7, 16), _rnd(gen, 2, 2, 16), _rnd(gen, 2, 2, 65)
+    bias = 0.5 * _rnd(gen, 7, 2)
+    _grads_vs_oracle("triton", dtype, q, k, v, bias, causal=True, scaling=scaling)
+
+
+def test_triton_hidden_keys_pass_no_gradient_from_a_nan_row():
+    # A NaN in a visible value makes every row's dP and delta NaN; a padded key's logit is
+    # hidden, so (as autograd through the oracle's masked_fill) its dK stays 0, not 0 * NaN.
+    gen = torch.Generator().manual_seed(2)
+    q, k, v, rel = _rnd(gen, 1, 6, 16), _rnd(gen, 1, 6, 16), _rnd(gen, 1, 6, 20), _rnd(gen, 11)
+    v[0, 1, 3] = float("nan")
+    pad = torch.tensor([[False, False, False, False, True, True]])
+    _grads_vs_oracle(
+        "triton", torch.float32, q, k, v, rel, poisoned=True, key_padding_mask=pad, causal=False
+    )
+
+
+def test_cpu_backend_float64_softmax_is_the_oracles():
+    # The op's softmax runs in float32 (documented, upstream's); the cpu backend's one-pass
+    # forward computed it in float64 for float64 inputs and differed from the oracle by the
+    # float32 rounding (5e-8 against a bound of 1e-12).
+    gen = torch.Generator().manual_seed(3)
+    q, k, v, bias = _rnd(gen, 2, 8, 4), _rnd(gen, 2, 8, 4), _rnd(gen, 2, 8, 3), _rnd(gen, 2, 2)
+    _grads_vs_oracle("cpu", torch.float64, q, k, v, bias, chunk_size=2, causal=False)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_a_row_whose_logits_are_all_minus_inf_sees_no_key(backend):
+    # A -inf bias row: every logit of query 1 is -inf by value. As a masked row it gives 0 and
+    # passes no gradient, on every backend; the oracle gave NaN, triton 0, cpu NaN without a
+    # key padding mask and 0 with one.
+    gen = torch.Generator().manual_seed(4)
+    q, k, v, bias = _rnd(gen, 2, 4, 16), _rnd(gen, 2, 4, 16), _rnd(gen, 2, 4, 20), _rnd(gen, 4, 4)
+    bias[1] = float("-inf")
+    for kpm in (None, torch.tensor([[False, False, False, True], [False] * 4])):
+        _grads_vs_oracle(
+            backend, torch.float32, q, k, v, bias, poisoned=True, key_padding_mask=kpm,
+            causal=False,
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_an_inf_key_every_query_hides_passes_no_gradient(backend):
+    # +Inf in one element of key 2 where every query's element is negative: that logit is -inf
+    # in every row, so key 2 gets no gradient. The Triton backward made its dK NaN from the
+    # query rows past Lq of its tile (zero-filled: 0 * Inf).
+    gen = torch.Generator().manual_seed(5)
+    q, k, v, bias = _rnd(gen, 1, 3, 24), _rnd(gen, 1, 5, 24), _rnd(gen, 1, 5, 20), _rnd(gen, 3, 5)
+    q[..., 3] = -q[..., 3].abs() - 0.1
+    k[0, 2, 3] = float("inf")
+    _grads_vs_oracle(backend, torch.float32, q, k, v, bias, poisoned=True, causal=False)

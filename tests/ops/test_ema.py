@@ -860,3 +860,133 @@ def test_cuda_kernels_emulated_on_the_host_equal_the_cpu_kernels(tmp_path):
         want = _ext.C.ema_step_cpu(x, state, *params, om)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Regressions found by tests/fuzz/test_fuzz_chunk_ema.py
+
+
+@pytest.mark.parametrize("entry", ["ema", "op"])
+@pytest.mark.parametrize("B,L", [(2, 0), (0, 5), (0, 0)])
+def test_ema_empty_on_the_reference_backend(B, L, entry):
+    # ema_ref ran an FFT of length 0 (L = 0) or over no batch row (B = 0) and raised; the op
+    # stages too. Now zeros and zero gradients, as the cpu kernels give, also for a NaN
+    # parameter (an empty sum).
+    x, params, om, _, _ = make_ema_inputs(2, 5, 4, 2)
+    x = x.detach()[:B, :L].requires_grad_()
+    with torch.no_grad():
+        params[0][1, 0, 0] = float("nan")
+    with use_backend("reference"):
+        if entry == "ema":
+            y = ema(x, *params, omega=om)
+        else:
+            y = EmaFunction.apply(x, *params, None, om, 0, 0)
+        grads = torch.autograd.grad(y.sum(), [x, *params, om])
+    assert y.shape == (B, L, 4) and not y.any()
+    for g, t in zip(grads, [x, *params, om]):
+        assert g.shape == t.shape and not g.any()
+
+
+@pytest.mark.parametrize(
+    "x_dtype,param_dtype,state_dtype",
+    [
+        (torch.float64, torch.float32, torch.float64),
+        (torch.float32, torch.float16, None),
+        (torch.float16, torch.float16, torch.float32),
+    ],
+    ids=str,
+)
+def test_ema_step_reference_promotes_mixed_dtypes(x_dtype, param_dtype, state_dtype):
+    # ema_step_ref's einsum met a state of the promoted dtype and a projection of another and
+    # raised ("expected scalar type Double but found Float"); the documented result is the
+    # promoted dtype of x, the parameters and the state.
+    B, D, h = 3, 5, 2
+    x, params, om, _, _ = make_ema_inputs(B, 1, D, h, requires_grad=False, seed=4)
+    x = x[:, 0]
+    state = None if state_dtype is None else _step_state("batch", B, D, h, state_dtype, "cpu")
+    want = x_dtype
+    for dt in (param_dtype, state_dtype or param_dtype):
+        want = torch.promote_types(want, dt)
+
+    def run(dts):
+        xs = x.to(dts[0])
+        ps = [p.to(dts[1]) for p in params]
+        s = None if state is None else state.to(dts[2])
+        return _step_ref(xs, s, ps, om.to(dts[1]))
+
+    with use_backend("reference"):
+        y, s = ema_step(
+            x.to(x_dtype),
+            None if state is None else state,
+            *[p.to(param_dtype) for p in params],
+            omega=om.to(param_dtype),
+        )
+    assert y.dtype == s.dtype == want
+    oracle = run([torch.float64] * 3)
+    for g, o in zip((y, s), oracle):
+        assert_close_to_oracle(g, o, g, name="step")  # the reference itself: only the NaN/shape
+
+
+@needs_c
+@pytest.mark.parametrize("L", [1, 9])
+def test_ema_nan_at_the_last_step_does_not_reach_ddecay(L):
+    # The last step's state never meets q, so dL/ddecay does not involve x there; the kernel's
+    # R = sum xm zr took NaN * 0 (zr = 0 at the last step) and gave ddecay NaN.
+    from seqkern.reference.ema import ema_scan_ref
+
+    x, params, om, _, dy = make_ema_inputs(2, L, 6, 2, seed=3)
+    x = x.detach().clone()
+    x[1, L - 1, 2] = float("nan")
+    x.requires_grad_()
+    with use_backend("cpu"):
+        y = EmaFunction.apply(x, *params, None, om, 0, 4)
+        got = grads_of(y, [x, *params, om], dy)
+    inputs64 = upcast([x, *params, om])
+    y64, _ = ema_scan_ref(inputs64[0], *inputs64[1:5])
+    y64 = y64 + inputs64[0] * inputs64[5]
+    oracle = torch.autograd.grad(y64, inputs64, dy.to(torch.float64), allow_unused=True)
+    oracle = [torch.zeros_like(t) if o is None else o for o, t in zip(oracle, inputs64)]
+    names = ["dx", "ddamping", "ddecay", "dexpansion", "dprojection", "domega"]
+    for name, g, o in zip(names, got, oracle):
+        assert torch.equal(g.isnan(), o.isnan()), name
+    assert not got[2].isnan().any() and got[1].isnan().any()
+
+
+def test_reference_op_stage_sums_domega_like_autograd():
+    # The reference's written-out backward (the op stage: torch.compile, direct op calls) summed
+    # dy * x for domega in x's dtype (bf16 products); autograd through x * omega with a float32
+    # omega multiplies in float32.
+    x, params, om, mask, dy = make_ema_inputs(4, 300, 6, 2, dtype=torch.bfloat16, pad=True)
+    params = [p.detach().float().requires_grad_() for p in params]
+    om = om.detach().float().requires_grad_()
+    leaves = [x, *params, om]
+    with use_backend("reference"):
+        y = EmaFunction.apply(x, *params, mask, om, 0, 0)
+        got = grads_of(y, leaves, dy)[-1]
+        y_e = ema(x, *params, pad_mask=mask, omega=om)
+        want = grads_of(y_e, leaves, dy)[-1]
+    assert got.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_reference_op_stage_float64_gradients(seed):
+    # For float64 x the op stage's correlations ran in float32 in another order than autograd
+    # through the forward's float32 FFT, up to 4x its rounding (dx 3.8e-8 against a bound of
+    # 2.0e-8); they now run in float64.
+    x, params, om, mask, dy = make_ema_inputs(
+        1, 25, 2, 4, dtype=torch.float64, pad=True, time_major=True, seed=seed
+    )
+    leaves = _leaves(x, params, om)
+    with use_backend("reference"):
+        y = EmaFunction.apply(x, *params, mask, om, 0, 7)
+        got = (y, *grads_of(y, leaves, dy))
+    inputs64 = upcast(leaves)
+    y64 = _ref_forward(inputs64[0], inputs64[1:5], inputs64[5], mask, None, torch.float64)
+    oracle = (y64, *grads_of(y64, inputs64, dy))
+    inputs_dt = upcast(leaves)
+    y_dt = _ref_forward(inputs_dt[0], inputs_dt[1:5], inputs_dt[5], mask, None, torch.float32)
+    ref = (y_dt, *grads_of(y_dt, inputs_dt, dy))
+    names = ["y", "dx", "ddamping", "ddecay", "dexpansion", "dprojection", "domega"]
+    for name, g, o, r in zip(names, got, oracle, ref):
+        assert_close_to_oracle(g, o, r, name=name)
