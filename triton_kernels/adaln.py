@@ -5,6 +5,8 @@ x (B, T, D); gamma, beta (B, D) or (B, T, D). Statistics and gradients accumulat
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -82,8 +84,11 @@ def _adaln_bwd_kernel(
         x = tl.load(X + row * dim + cols, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + row * dim + cols, mask=mask, other=0.0).to(tl.float32)
         gamma = tl.load(G + mod_row * dim + cols, mask=mask, other=0.0).to(tl.float32)
-        xhat = (x - tl.load(Mean + row)) * tl.load(Rstd + row)
-        xhat = tl.where(mask, xhat, 0.0)
+        # centred once more on its own mean: the saved fp32 mean is rounded, and where
+        # |mean| >> the spread that shift of every xhat is amplified by rstd in dx
+        centered = tl.where(mask, x - tl.load(Mean + row), 0.0)
+        centered = tl.where(mask, centered - tl.sum(centered, axis=0) / dim, 0.0)
+        xhat = centered * tl.load(Rstd + row)
         g = dy * gamma
         mean_g = tl.sum(g, axis=0) / dim
         mean_gx = tl.sum(g * xhat, axis=0) / dim
@@ -114,6 +119,8 @@ def adaln_fwd(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: flo
     rstd = torch.empty_like(mean)
     if batch * seqlen == 0:
         return y, mean, rstd
+    if dim == 0:  # empty rows (no 0-wide tile): no y; the statistics of nothing are NaN, as
+        return y, mean.fill_(math.nan), rstd.fill_(math.nan)  # the reference and cpu give
     block_d = triton.next_power_of_2(dim)
     _adaln_fwd_kernel[(batch * seqlen,)](
         x,
@@ -156,10 +163,10 @@ def adaln_bwd(dy, x, gamma, mean, rstd):
     else:
         splits = _num_splits(batch, seqlen, x.device)
         ws = torch.empty((batch, splits, 2, dim), dtype=torch.float32, device=x.device)
-        if batch * seqlen == 0:
+        if batch * seqlen == 0 or dim == 0:
             ws.zero_()
         dgamma = dbeta = dx  # placeholders; written from the workspace below
-    if batch * seqlen > 0:
+    if batch * seqlen > 0 and dim > 0:  # no elements at D = 0: dx, dgamma, dbeta are empty
         block_d = triton.next_power_of_2(dim)
         _adaln_bwd_kernel[(splits, batch)](
             dy,

@@ -96,10 +96,20 @@ void bwd_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& gamma
         const int64_t off = row * dim;
         const scalar_t* gr = gp + (per_token ? row : b) * dim;
         const acc_t mu = mp[row], rs = rp[row];
+        // x - mean, centred once more on its own mean: the saved fp32 mean is rounded, and
+        // where |mean| >> the row's spread that shifts every xhat alike, which dx (a difference
+        // of near-equal terms) amplifies by rstd. xhat = ((x - mu) - shift) * rstd throughout.
+        acc_t s_c = 0;
+#pragma omp simd reduction(+ : s_c)
+        for (int64_t d = 0; d < dim; ++d) s_c += static_cast<acc_t>(xp[off + d]) - mu;
+        const acc_t shift = s_c / static_cast<acc_t>(dim);
+        auto xhat_at = [&](int64_t d) {
+          return (static_cast<acc_t>(xp[off + d]) - mu - shift) * rs;
+        };
         acc_t s_g = 0, s_gx = 0;
 #pragma omp simd reduction(+ : s_g, s_gx)
         for (int64_t d = 0; d < dim; ++d) {
-          const acc_t xhat = (static_cast<acc_t>(xp[off + d]) - mu) * rs;
+          const acc_t xhat = xhat_at(d);
           const acc_t g = static_cast<acc_t>(dyp[off + d]) * static_cast<acc_t>(gr[d]);
           s_g += g;
           s_gx += g * xhat;
@@ -108,7 +118,7 @@ void bwd_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& gamma
         const acc_t mean_gx = s_gx / static_cast<acc_t>(dim);
 #pragma omp simd
         for (int64_t d = 0; d < dim; ++d) {
-          const acc_t xhat = (static_cast<acc_t>(xp[off + d]) - mu) * rs;
+          const acc_t xhat = xhat_at(d);
           const acc_t g = static_cast<acc_t>(dyp[off + d]) * static_cast<acc_t>(gr[d]);
           dxp[off + d] = static_cast<scalar_t>(rs * (g - mean_g - xhat * mean_gx));
         }
@@ -116,14 +126,14 @@ void bwd_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& gamma
 #pragma omp simd
           for (int64_t d = 0; d < dim; ++d) {
             const acc_t dyv = static_cast<acc_t>(dyp[off + d]);
-            dgp[off + d] = static_cast<scalar_t>(dyv * (static_cast<acc_t>(xp[off + d]) - mu) * rs);
+            dgp[off + d] = static_cast<scalar_t>(dyv * xhat_at(d));
             dbp[off + d] = dyp[off + d];
           }
         } else {
 #pragma omp simd
           for (int64_t d = 0; d < dim; ++d) {
             const acc_t dyv = static_cast<acc_t>(dyp[off + d]);
-            pg[d] += dyv * (static_cast<acc_t>(xp[off + d]) - mu) * rs;
+            pg[d] += dyv * xhat_at(d);
             pb[d] += dyv;
           }
         }

@@ -130,16 +130,33 @@ __global__ void __launch_bounds__(kMaxThreads)
     const float mu = mean[row];
     const float rs = rstd[row];
 
-    float s_g = 0.f, s_gx = 0.f;
+    // x - mean, centred once more on its own mean: the saved fp32 mean is rounded, and where
+    // |mean| >> the row's spread that shifts every xhat alike, which dx (a difference of
+    // near-equal terms) amplifies by rstd. Lanes past dim hold 0.
+    float s_c = 0.f;
 #pragma unroll
-    for (int i = 0; i < NV; ++i)
+    for (int i = 0; i < NV; ++i) {
+      const int64_t col = (static_cast<int64_t>(i) * blockDim.x + threadIdx.x) * VEC;
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
-        xr.v[i][j] = (xr.v[i][j] - mu) * rs;  // xhat; lanes past dim have dy = 0 and add nothing
+        xr.v[i][j] = col < dim ? xr.v[i][j] - mu : 0.f;
+        s_c += xr.v[i][j];
+      }
+    }
+    const float shift = block_sum(s_c, smem) * inv_dim;
+
+    float s_g = 0.f, s_gx = 0.f;
+#pragma unroll
+    for (int i = 0; i < NV; ++i) {
+      const int64_t col = (static_cast<int64_t>(i) * blockDim.x + threadIdx.x) * VEC;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        xr.v[i][j] = col < dim ? (xr.v[i][j] - shift) * rs : 0.f;  // xhat
         const float g = dyr.v[i][j] * gm.v[i][j];
         s_g += g;
         s_gx += g * xr.v[i][j];
       }
+    }
     const float2 s = block_sum2(s_g, s_gx, smem);
     const float mean_g = s.x * inv_dim;
     const float mean_gx = s.y * inv_dim;

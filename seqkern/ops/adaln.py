@@ -10,6 +10,8 @@ Layers, top to bottom:
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor
 
@@ -70,10 +72,12 @@ class AdalnFunction(torch.autograd.Function):
         return dx, dgamma, dbeta, None
 
 
-def _check(x: Tensor, gamma: Tensor, beta: Tensor) -> None:
+def _check(x: Tensor, gamma: Tensor, beta: Tensor, eps: float) -> None:
     for name, t in (("x", x), ("gamma", gamma), ("beta", beta)):
         if not isinstance(t, Tensor):
             raise TypeError(f"adaln: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if not isinstance(eps, (numbers.Real, Tensor)):
+        raise TypeError(f"adaln: eps must be a float, got {type(eps).__name__}")
     if x.dim() != 3:
         raise ValueError(f"adaln: x must be (B, T, D), got shape {tuple(x.shape)}")
     if not x.is_floating_point():
@@ -113,7 +117,7 @@ def adaln(x: Tensor, gamma: Tensor, beta: Tensor, eps: float = 1e-5) -> Tensor:
         >>> x = torch.randn(2, 50, 256); g = 1 + torch.randn(2, 256); b = torch.randn(2, 256)
         >>> y = seqkern.adaln(x, g, b)  # (2, 50, 256)
     """
-    _check(x, gamma, beta)
+    _check(x, gamma, beta, eps)
     if gamma.dim() == 3 and gamma.shape[1] == 1 and x.shape[1] != 1:
         gamma, beta = gamma.squeeze(1), beta.squeeze(1)
     return AdalnFunction.apply(x, gamma, beta, eps)

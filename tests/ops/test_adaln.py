@@ -127,6 +127,52 @@ def test_adaln_gamma_b1d_and_empty(backend):
         assert torch.equal(dg, torch.zeros_like(g)) and torch.equal(db, torch.zeros_like(b))
 
 
+@pytest.mark.parametrize("D,seed", [(2, 321), (2, 326), (3, 249)])
+@pytest.mark.parametrize(
+    "backend", ["reference", "triton", "cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+)
+def test_adaln_dx_of_rows_far_from_zero(backend, D, seed):
+    # Narrow rows far from 0 (|mean| >> spread): the saved fp32 mean is rounded, and centring x
+    # on it alone shifts every xhat alike; dx, a difference of near-equal terms, amplified that
+    # by rstd to several times the fp32 reference's error (found by tests/fuzz/test_fuzz_rows;
+    # the seeds are draws where that showed: 2 to 15 times the bound; centred twice, < 0.1).
+    T = 8
+    gen = torch.Generator().manual_seed(seed)
+    spread = 0.05 + torch.rand(1, T, 1, generator=gen, dtype=torch.float64)
+    x = 4 * torch.randn(1, T, 1, generator=gen, dtype=torch.float64) + spread * torch.randn(
+        1, T, D, generator=gen, dtype=torch.float64
+    )
+    gamma = 1 + 0.5 * torch.randn(1, D, generator=gen, dtype=torch.float64)
+    beta = torch.zeros(1, D, dtype=torch.float64)
+    dy = torch.randn(1, T, D, generator=gen, dtype=torch.float64)
+    x, gamma, dy = (t.float().double() for t in (x, gamma, dy))  # exact in fp32
+    x64 = x.clone().requires_grad_()
+    (want,) = torch.autograd.grad(adaln_ref(x64, gamma, beta), x64, dy)
+    x32 = x.float().requires_grad_()
+    (ref,) = torch.autograd.grad(adaln_ref(x32, gamma.float(), beta.float()), x32, dy.float())
+    dev = "cuda" if backend == "cuda" else "cpu"
+    x32 = x.float().to(dev).requires_grad_()
+    with use_backend(backend):
+        y = adaln(x32, gamma.float().to(dev), beta.float().to(dev))
+        (got,) = torch.autograd.grad(y, x32, dy.float().to(dev))
+    assert_close_to_oracle(got, want, ref, name=f"{backend} dx")
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_adaln_zero_width_rows(backend, per_token):
+    # D = 0 (torch's layer_norm takes it): an empty output and empty gradients on every
+    # backend. The Triton launchers used to build a 0-wide tile and fail inside the kernel.
+    x = torch.randn(2, 3, 0, requires_grad=True)
+    shape = (2, 3, 0) if per_token else (2, 0)
+    g, b = (torch.randn(shape, requires_grad=True) for _ in range(2))
+    with use_backend(backend):
+        y = adaln(x, g, b)
+        grads = torch.autograd.grad(y, (x, g, b), torch.randn(2, 3, 0))
+    assert y.shape == (2, 3, 0)
+    assert [t.shape for t in grads] == [x.shape, g.shape, b.shape]
+
+
 @pytest.mark.parametrize(
     "x_shape,g_shape,b_shape,dtypes,match",
     [
@@ -155,6 +201,42 @@ def test_adaln_bad_input_names_the_argument(x_shape, g_shape, b_shape, dtypes, m
     dx, dg, db = dtypes or (torch.float32,) * 3
     args = [torch.ones(s, dtype=d) for s, d in ((x_shape, dx), (g_shape, dg), (b_shape, db))]
     with pytest.raises(ValueError, match=match):
+        adaln(*args)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize(
+    "args,error,match",
+    [
+        ((torch.randn(2, 3, 4), [[1.0] * 4] * 2, torch.randn(2, 4)), TypeError, "gamma must be a"),
+        ((torch.randn(2, 3, 4), torch.randn(2, 4), None), TypeError, "beta must be a"),
+        (([[[1.0]]], torch.randn(1, 1), torch.randn(1, 1)), TypeError, "x must be a"),
+        ((torch.randn(2, 3, 4), torch.randn(2, 4), torch.randn(2, 4), "1e-5"), TypeError, "eps"),
+        ((torch.randn(2, 3, 4), torch.randn(2, 4), torch.randn(2, 4), None), TypeError, "eps"),
+        ((torch.randn(3, 4),) * 3, ValueError, r"x must be \(B, T, D\)"),
+        ((torch.randn(2, 3, 4), torch.randn(2, 3, 5), torch.randn(2, 3, 5)), ValueError, "gamma"),
+        ((torch.randn(2, 3, 4), torch.randn(3, 1, 4), torch.randn(3, 1, 4)), ValueError, "gamma"),
+        (
+            (torch.ones(2, 3, 4, dtype=torch.int32), torch.randn(2, 4), torch.randn(2, 4)),
+            ValueError,
+            "x must be a floating-point",
+        ),
+        (
+            (torch.randn(2, 3, 4), torch.randn(2, 4), torch.randn(2, 4, device="meta")),
+            ValueError,
+            "beta must be on",
+        ),
+        (
+            (torch.randn(2, 3, 4, device="meta"), torch.randn(2, 4), torch.randn(2, 4)),
+            ValueError,
+            "gamma must be on x's device meta",
+        ),
+    ],
+)
+def test_adaln_bad_input_raises_before_dispatch_on_every_backend(args, error, match, backend):
+    """As linear_rows: named, on every backend, before any kernel (the eps used to reach the
+    torch.library schema and come back as its RuntimeError)."""
+    with use_backend(backend), pytest.raises(error, match=match):
         adaln(*args)
 
 
