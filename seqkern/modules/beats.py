@@ -175,6 +175,57 @@ class BeatsMultiheadAttention(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------
 
+    def _check_inputs(self, query, key, value, position_bias) -> None:
+        """Shapes, dtypes and devices of forward's tensors, each named when wrong (attribute
+        reads only: no device sync). Masks are checked by relbias_attention."""
+        name = "BeatsMultiheadAttention"
+        if not isinstance(query, Tensor):
+            raise TypeError(f"{name}: query must be a torch.Tensor, got {type(query).__name__}")
+        if query.dim() != 3 or query.size(-1) != self.embed_dim:
+            raise ValueError(f"query must be (T, B, {self.embed_dim}), got {tuple(query.shape)}")
+        bsz = query.size(1)
+        args = [("query", query, self.q_proj.weight, self.embed_dim)]
+        if key is not None:
+            if not isinstance(key, Tensor):
+                raise TypeError(f"{name}: key must be a torch.Tensor, got {type(key).__name__}")
+            if key.dim() != 3 or key.size(1) != bsz:
+                raise ValueError(f"key must be (S, {bsz}, kdim), got {tuple(key.shape)}")
+            if not self.self_attention:  # self-attention projects the query (as upstream)
+                args.append(("key", key, self.k_proj.weight, self.kdim))
+        if value is not None and not self.self_attention and not self.encoder_decoder_attention:
+            if not isinstance(value, Tensor):
+                raise TypeError(f"{name}: value must be a torch.Tensor, got {type(value).__name__}")
+            src_len = key.size(0) if key is not None else value.size(0)
+            if value.dim() != 3 or value.shape[:2] != (src_len, bsz):
+                raise ValueError(
+                    f"{name}: value must be (S, B, vdim) = ({src_len}, {bsz}, {self.vdim}) like "
+                    f"key, got {tuple(value.shape)}"
+                )
+            args.append(("value", value, self.v_proj.weight, self.vdim))
+        for arg, t, weight, dim in args:
+            if t.size(-1) != dim:
+                what = {"query": "embed_dim", "key": "kdim", "value": "vdim"}[arg]
+                raise ValueError(
+                    f"{name}: {arg} must have {what} = {dim} features, got {tuple(t.shape)}"
+                )
+            if t.device != weight.device:
+                raise ValueError(
+                    f"{name}: {arg} must be on the module's device {weight.device}, got {t.device}"
+                )
+            if not t.is_floating_point() or (
+                t.dtype != weight.dtype and not torch.is_autocast_enabled(t.device.type)
+            ):
+                raise TypeError(
+                    f"{name}: {arg} must have the module's dtype {weight.dtype}, got {t.dtype}"
+                )
+        if isinstance(position_bias, Tensor):
+            per_row = bsz * self.num_heads * query.size(0)
+            if position_bias.numel() % max(per_row, 1) or position_bias.dim() < 2:
+                raise ValueError(
+                    f"{name}: position_bias must be (B * H, T, S) = ({bsz * self.num_heads}, "
+                    f"{query.size(0)}, S), got {tuple(position_bias.shape)}"
+                )
+
     def _heads(self, x: Tensor, bsz: int) -> Tensor:
         """(L, B, E) -> (B, H, L, hd)."""
         return x.reshape(x.size(0), bsz, self.num_heads, self.head_dim).permute(1, 2, 0, 3)
@@ -195,11 +246,8 @@ class BeatsMultiheadAttention(nn.Module):
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         if need_head_weights:
             need_weights = True
-        if query.dim() != 3 or query.size(-1) != self.embed_dim:
-            raise ValueError(f"query must be (T, B, {self.embed_dim}), got {tuple(query.shape)}")
+        self._check_inputs(query, key, value, position_bias)
         tgt_len, bsz, _ = query.shape
-        if key is not None and (key.dim() != 3 or key.size(1) != bsz):
-            raise ValueError(f"key must be (S, {bsz}, kdim), got {tuple(key.shape)}")
 
         saved_state = None
         if incremental_state is not None:
@@ -209,6 +257,13 @@ class BeatsMultiheadAttention(nn.Module):
                     raise ValueError("static_kv needs encoder_decoder_attention")
                 key = value = None
 
+        if saved_state is not None and "prev_key" in saved_state:
+            cached = saved_state["prev_key"].size(0)
+            if cached != bsz:
+                raise ValueError(
+                    f"BeatsMultiheadAttention: incremental_state holds keys of batch {cached}, "
+                    f"query has batch {bsz}"
+                )
         if self.self_attention:
             q_in, k, v = self.q_proj(query), self.k_proj(query), self.v_proj(query)
         elif self.encoder_decoder_attention:
@@ -222,8 +277,15 @@ class BeatsMultiheadAttention(nn.Module):
             q_in, k, v = self.q_proj(query), self.k_proj(key), self.v_proj(value)
 
         q = self._heads(q_in, bsz)  # raw projection; the scale is applied in the op
+        if attn_mask is not None and attn_mask.is_floating_point() and attn_mask.dtype != q.dtype:
+            attn_mask = attn_mask.to(q.dtype)  # upstream adds it in place, in the logits' dtype
         if k is not None:
             k, v = self._heads(k, bsz), self._heads(v, bsz)
+        elif saved_state is None or "prev_key" not in saved_state:
+            raise ValueError(
+                "BeatsMultiheadAttention: key is required for encoder-decoder attention "
+                "(incremental_state holds no cached keys)"
+            )
         if self.bias_k is not None:
             k = torch.cat([k, self._heads(self.bias_k.expand(1, bsz, -1), bsz)], dim=2)
             v = torch.cat([v, self._heads(self.bias_v.expand(1, bsz, -1), bsz)], dim=2)

@@ -30,10 +30,31 @@ from seqkern.ops.ema import ema, ema_step
 from seqkern.ops.linear import linear_rows
 
 
+def _check_tensor(owner: str, name: str, t: Any, like: Tensor) -> None:
+    """`t` is a floating-point tensor on `like`'s device with its dtype (any floating dtype under
+    autocast); a ValueError / TypeError naming `owner` and `name` otherwise. Attribute reads
+    only: nothing synchronises with the device."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{owner}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device != like.device:
+        raise ValueError(
+            f"{owner}: {name} must be on the module's device {like.device}, got {t.device}"
+        )
+    if not t.is_floating_point() or (
+        t.dtype != like.dtype and not torch.is_autocast_enabled(t.device.type)
+    ):
+        raise TypeError(f"{owner}: {name} must have the module's dtype {like.dtype}, got {t.dtype}")
+
+
 def _linear(layer: nn.Linear, x: Tensor) -> Tensor:
     """`layer(x)`; a one-step (1, B, ·) input runs as a B-row matrix-vector product
     (`linear_rows`: the weight read once), unless the layer has hooks that must see the call."""
-    if x.dim() == 3 and x.shape[0] == 1 and not (layer._forward_hooks or layer._forward_pre_hooks):
+    if (
+        x.dim() == 3
+        and x.shape[0] == 1
+        and x.dtype == layer.weight.dtype  # else (autocast) nn.Linear casts, as upstream's
+        and not (layer._forward_hooks or layer._forward_pre_hooks)
+    ):
         return linear_rows(x[0], layer.weight, layer.bias).unsqueeze(0)
     return layer(x)
 
@@ -358,6 +379,11 @@ class MultiHeadDampedEMA(SequenceModule):
         mask: Tensor | None = None,
         state: dict[str, Tensor | None] | None = None,
     ) -> tuple[Tensor, Tensor | None]:
+        if not isinstance(x, Tensor) or x.dim() != 3 or x.size(-1) != self.d_model:
+            raise ValueError(
+                f"MultiHeadDampedEMA: x must be (L, B, {self.d_model}), got "
+                f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}"
+            )
         # The residual x * residual_weight (unmasked x) is fused into the EMA ops' output.
         omega = self.residual_weight
         if state is not None:
@@ -389,6 +415,11 @@ class MultiHeadDampedEMA(SequenceModule):
 
     def step(self, x: Tensor, state: Tensor | None = None, **kwargs) -> tuple[Tensor, Tensor]:
         """x (B, D), state (B, D, h) / (D, h) / None -> (y (B, D), new state (B, D, h))."""
+        if not isinstance(x, Tensor) or x.dim() == 0 or x.size(-1) != self.d_model:
+            raise ValueError(
+                f"MultiHeadDampedEMA.step: x must be (B, {self.d_model}), got "
+                f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}"
+            )
         y, new_state = ema_step(x, state, *self._params(), omega=self.residual_weight)
         return self.activation(y), new_state
 
@@ -431,6 +462,12 @@ class NormalizedPositionwiseFeedForward(nn.Module):
             nn.init.constant_(lin.bias, val)
 
     def forward(self, x: Tensor) -> Tensor:
+        owner = "NormalizedPositionwiseFeedForward"
+        _check_tensor(owner, "x", x, self.linear1.weight)
+        if x.dim() == 0 or x.size(-1) != self.linear1.in_features:
+            raise ValueError(
+                f"{owner}: x must be (..., {self.linear1.in_features}), got {tuple(x.shape)}"
+            )
         h = self.hidden_dropout(self.activation(_linear(self.linear1, x)))
         return self.normalization(self.dropout(_linear(self.linear2, h)) + x)
 
@@ -491,6 +528,7 @@ class MEGA(nn.Module):
         self.qk_size = qk_size
         self.v_size = v_size
         self.size = size
+        self._ema_heads = num_heads
         self.chunk_size = chunk_size
         self.reset_parameters()
 
@@ -508,6 +546,7 @@ class MEGA(nn.Module):
         attn_mask: Tensor | bool | None = None,
         state: dict[str, Tensor | None] | None = None,
     ) -> tuple[Tensor, dict[str, Tensor | None] | None]:
+        self._check_inputs(x, mask, state)
         if state is not None and mask is None and self._fused_step_ok(x, state):
             return self._fused_step(x, state)
         length, batch, _ = x.shape
@@ -553,6 +592,10 @@ class MEGA(nn.Module):
             bias = self.rel_pos_bias(block)
             if length != ctx:
                 bias = bias[-length:]
+        if query.dtype != value.dtype and torch.is_autocast_enabled(query.device.type):
+            # autocast: q and k come from elementwise ops (parameter dtype), v from a Linear
+            # (the autocast dtype); upstream's matmuls run in the autocast dtype
+            query, key = query.to(value.dtype), key.to(value.dtype)
         out = chunk_attention(
             query,
             key,
@@ -569,13 +612,112 @@ class MEGA(nn.Module):
         h = self.dropout(self.activation(hidden + _linear(self.proj_h, out * att_gate)))
         return self.normalization(torch.addcmul(residual, gate, h - residual)), state
 
+    def _inputs_ok(self, x: Tensor, mask: Tensor | None, state: dict | None) -> bool:
+        """The common case, in as few attribute reads as a decoding step can afford: x, and a
+        state in x's dtype and device with the shapes `_check_inputs` names."""
+        w = self.qk_weight  # (one Module attribute lookup: they cost a microsecond each)
+        if mask is not None or not isinstance(x, Tensor) or x.dim() != 3:
+            return False
+        dtype, device = w.dtype, w.device
+        if x.dtype != dtype or x.device != device or x.shape[2] != self.size:
+            return False
+        if state is None:
+            return True
+        if type(state) is not dict:
+            return False
+        batch = x.shape[1]
+        ema_state, prev_key = state.get("ema_state"), state.get("prev_key")
+        prev_value = state.get("prev_value")
+        if ema_state is not None:
+            n = ema_state.dim()
+            if (
+                ema_state.dtype != dtype
+                or ema_state.device != device
+                or not (n == 2 or (n == 3 and ema_state.shape[0] == batch))
+                or ema_state.shape[-2:] != (self.size, self._ema_heads)
+            ):
+                return False
+        if prev_key is None:
+            return prev_value is None
+        return (
+            prev_value is not None
+            and prev_key.dtype == dtype
+            and prev_value.dtype == dtype
+            and prev_key.device == device
+            and prev_value.device == device
+            and prev_key.dim() == 3
+            and prev_key.shape[0] == batch
+            and prev_key.shape[2] == self.qk_size
+            and prev_value.shape == (batch, prev_key.shape[1], self.v_size)
+        )
+
+    def _check_inputs(self, x: Tensor, mask: Tensor | None, state: dict | None) -> None:
+        """Each argument's shape, dtype and device, named when wrong (attribute reads only: no
+        device sync, nothing that grows with the sequence)."""
+        if self._inputs_ok(x, mask, state):
+            return
+        _check_tensor("MEGA", "x", x, self.proj_v.weight)
+        if x.dim() != 3 or x.size(-1) != self.size:
+            raise ValueError(f"MEGA: x must be (L, B, {self.size}), got {tuple(x.shape)}")
+        length, batch = x.shape[0], x.shape[1]
+        if mask is not None:
+            if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+                what = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
+                raise TypeError(f"MEGA: mask must be a bool tensor (True = padding), got {what}")
+            # a step's mask may cover the cached keys too: only its last column is read
+            if (
+                mask.dim() != 3
+                or mask.shape[:2] != (batch, 1)
+                or (state is None and mask.shape[2] != length)
+            ):
+                raise ValueError(
+                    f"MEGA: mask must be (B, 1, L) = ({batch}, 1, {length}), got "
+                    f"{tuple(mask.shape)}"
+                )
+        if state is None:
+            return
+        if not isinstance(state, dict):
+            raise TypeError(f"MEGA: state must be a dict, got {type(state).__name__}")
+        d, h = self.multihead_damped_ema.kernel_projection_matrix.shape
+        ema_state = state.get("ema_state")
+        prev_key, prev_value = state.get("prev_key"), state.get("prev_value")
+        for name, t in (
+            ("ema_state", ema_state),
+            ("prev_key", prev_key),
+            ("prev_value", prev_value),
+        ):
+            if t is not None:
+                _check_tensor("MEGA", f"state[{name!r}]", t, x)
+        if ema_state is not None and ema_state.shape not in ((batch, d, h), (d, h)):
+            raise ValueError(
+                f"MEGA: state['ema_state'] must be (B, D, h) = ({batch}, {d}, {h}) or (D, h), "
+                f"got {tuple(ema_state.shape)}"
+            )
+        if (prev_key is None) != (prev_value is None):
+            raise ValueError("MEGA: state['prev_key'] and state['prev_value'] go together")
+        if prev_key is not None:
+            if (
+                prev_key.dim() != 3
+                or prev_key.shape[0] != batch
+                or prev_key.shape[2] != self.qk_size
+            ):
+                raise ValueError(
+                    f"MEGA: state['prev_key'] must be (B, Lk, K) = ({batch}, Lk, {self.qk_size}), "
+                    f"got {tuple(prev_key.shape)}"
+                )
+            if prev_value.shape != (batch, prev_key.shape[1], self.v_size):
+                raise ValueError(
+                    f"MEGA: state['prev_value'] must be (B, Lk, V) = ({batch}, "
+                    f"{prev_key.shape[1]}, {self.v_size}), got {tuple(prev_value.shape)}"
+                )
+
     # -- one decoding step as one C++ call (csrc/mega/mega_step_cpu.cpp) -----------------------
     def _fused_step_ok(self, x: Tensor, state: dict[str, Tensor | None]) -> bool:
         """The fused CPU step covers ESPnet's default block (SiLU, LayerNorm, simple bias) in
         float32 inference on at most 8 rows; anything else runs the ops above."""
         if x.dim() != 3 or x.shape[0] != 1 or x.shape[1] > 8:
             return False
-        if x.device.type != "cpu" or x.dtype != torch.float32:
+        if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
             return False
         order = backends.allowed_backends()
         if order is not None and "cpu" not in order:
@@ -734,6 +876,11 @@ class MEGADecoder(nn.Module):
     # -- full sequence ------------------------------------------------------------------
     def forward(self, labels: Tensor) -> Tensor:
         """labels (B, L) int -> (B, L, D). Every pad id except at position 0 is a padding key."""
+        self._check_labels("forward", labels, "(B, L)")
+        if labels.dim() != 2 or labels.shape[1] == 0:
+            raise ValueError(
+                f"MEGADecoder.forward: labels must be (B, L) with L >= 1, got {tuple(labels.shape)}"
+            )
         _, length = labels.shape
         extra = 0
         if 0 < self.chunk_size < length and length % self.chunk_size:
@@ -741,7 +888,7 @@ class MEGADecoder(nn.Module):
             labels = nn.functional.pad(labels, (0, extra), value=self.pad_idx)
         mask = (labels == self.pad_idx).unsqueeze(1)
         mask[..., 0] = False
-        x = self.dropout_embed(self.embed(labels)).transpose(0, 1)
+        x = self.dropout_embed(self._embed(labels)).transpose(0, 1)
         for mega, ffn in self.mega_blocks:
             x, _ = mega(x, mask=mask, attn_mask=True)
             x = ffn(x)
@@ -751,13 +898,49 @@ class MEGADecoder(nn.Module):
     # -- streaming ------------------------------------------------------------------------
     def inference(self, labels: Tensor, states: State) -> tuple[Tensor, State]:
         """labels (B, 1), states (one dict per block) -> ((B, 1, D), new states)."""
-        x = self.embed(labels).transpose(0, 1)
+        self._check_labels("inference", labels, "(B, 1)")
+        if labels.dim() != 2:
+            raise ValueError(
+                f"MEGADecoder.inference: labels must be (B, 1), got {tuple(labels.shape)}"
+            )
+        if not isinstance(states, (list, tuple)) or len(states) < self.num_blocks:
+            got = len(states) if isinstance(states, (list, tuple)) else type(states).__name__
+            raise ValueError(
+                f"MEGADecoder.inference: states must hold one state per block "
+                f"({self.num_blocks}), got {got}"
+            )
+        x = self._embed(labels).transpose(0, 1)
         new_states = []
         for (mega, ffn), state in zip(self.mega_blocks, states):
             x, new_state = mega(x, state=state)
             x = ffn(x)
             new_states.append(new_state)
         return self.final_norm(x).transpose(0, 1), new_states
+
+    def _check_labels(self, method: str, labels: Any, shape: str) -> None:
+        if not isinstance(labels, Tensor):
+            raise TypeError(
+                f"MEGADecoder.{method}: labels must be a torch.Tensor {shape}, got "
+                f"{type(labels).__name__}"
+            )
+        if labels.dtype not in (torch.int64, torch.int32):
+            raise TypeError(
+                f"MEGADecoder.{method}: labels must be integer token ids (int64 or int32), got "
+                f"{labels.dtype}"
+            )
+        if labels.device != self.embed.weight.device:
+            raise ValueError(
+                f"MEGADecoder.{method}: labels must be on the decoder's device "
+                f"{self.embed.weight.device}, got {labels.device}"
+            )
+
+    def _embed(self, labels: Tensor) -> Tensor:
+        try:
+            return self.embed(labels)
+        except IndexError as err:  # (on the CPU; checking the range elsewhere needs a sync)
+            raise IndexError(
+                f"MEGADecoder: labels must be token ids in [0, vocab_size = {self.vocab_size})"
+            ) from err
 
     def set_device(self, device: torch.device) -> None:
         self.device = device

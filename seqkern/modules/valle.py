@@ -24,6 +24,18 @@ from seqkern.ops.adaln import adaln
 from seqkern.ops.attention import attention, attention_packed
 
 
+def _check_tensor(owner: str, name: str, t, like: Tensor, shape: str) -> None:
+    """`t` is a floating-point tensor on `like`'s device (attribute reads only: no sync)."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{owner}: {name} must be a torch.Tensor {shape}, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{owner}: {name} must be a floating-point tensor {shape}, got {t.dtype}")
+    if t.device != like.device:
+        raise ValueError(
+            f"{owner}: {name} must be on the module's device {like.device}, got {t.device}"
+        )
+
+
 class Linear(nn.Linear):
     """nn.Linear that runs in the input's dtype (casts its parameters), as upstream's."""
 
@@ -53,6 +65,22 @@ class AdaLN(nn.Module):
 
         The result has the promoted dtype of x and the parameters, as upstream's does.
         """
+        D, w = self.n_state, self.weight.weight
+        _check_tensor("AdaLN", "x", x, w, f"(B, T, {D})")
+        _check_tensor("AdaLN", "level_emb", level_emb, w, f"(B, {D}) or (B, T, {D})")
+        if x.dim() != 3 or x.size(-1) != D:
+            raise ValueError(f"AdaLN: x must be (B, T, {D}), got {tuple(x.shape)}")
+        B, T = x.shape[0], x.shape[1]
+        if level_emb.shape[:-1] not in ((B,), (B, 1), (B, T)) or level_emb.size(-1) != D:
+            raise ValueError(
+                f"AdaLN: level_emb must be (B, D) or (B, T, D) = ({B}, {D}) or ({B}, {T}, {D}) "
+                f"for x {tuple(x.shape)}, got {tuple(level_emb.shape)}"
+            )
+        if level_emb.dtype != w.dtype and not torch.is_autocast_enabled(w.device.type):
+            # upstream's plain nn.Linear maps it: it must have the parameters' dtype
+            raise TypeError(
+                f"AdaLN: level_emb must have the module's dtype {w.dtype}, got {level_emb.dtype}"
+            )
         gamma, beta = self.weight(level_emb), self.bias(level_emb)
         dtype = torch.promote_types(x.dtype, gamma.dtype)
         return adaln(x.to(dtype), gamma.to(dtype), beta.to(dtype), self.eps)
@@ -80,6 +108,21 @@ class MultiHeadAttention(nn.Module):
         kv_cache: dict | None = None,
     ) -> Tensor:
         """x (B, T, D); xa (B, S, D) for cross attention; mask as `ValleNARDecoder.forward`."""
+        D, w = self.query.in_features, self.query.weight
+        _check_tensor("MultiHeadAttention", "x", x, w, f"(B, T, {D})")
+        if x.dim() != 3 or x.size(-1) != D:
+            raise ValueError(f"MultiHeadAttention: x must be (B, T, {D}), got {tuple(x.shape)}")
+        if xa is not None:
+            _check_tensor("MultiHeadAttention", "xa", xa, w, f"(B, S, {D})")
+            if xa.dim() != 3 or xa.size(-1) != D or xa.size(0) != x.size(0):
+                raise ValueError(
+                    f"MultiHeadAttention: xa must be (B, S, D) = ({x.size(0)}, S, {D}), got "
+                    f"{tuple(xa.shape)}"
+                )
+            if xa.dtype != x.dtype:
+                raise TypeError(
+                    f"MultiHeadAttention: xa must have x's dtype {x.dtype}, got {xa.dtype}"
+                )
         if self.causal and mask is not None:
             raise ValueError("mask is not allowed when the attention is causal")
         if xa is None and x.shape[0] * x.shape[1] >= x.shape[2] and not self._kv_hooked():
@@ -113,8 +156,8 @@ class MultiHeadAttention(nn.Module):
         if self.causal and mask is not None:
             raise ValueError("mask is not allowed when the attention is causal")
 
-        def heads(t: Tensor) -> Tensor:
-            return t.view(*t.shape[:2], self.n_head, -1).transpose(1, 2)
+        def heads(t: Tensor) -> Tensor:  # (the head size spelled out: T or B may be 0)
+            return t.view(*t.shape[:2], self.n_head, t.shape[-1] // self.n_head).transpose(1, 2)
 
         out = attention(heads(q), heads(k), heads(v), mask=mask, causal=self.causal)
         return out.transpose(1, 2).flatten(start_dim=2)
@@ -195,16 +238,38 @@ class ValleNARDecoder(nn.Module):
         """
         if self.causal and mask is not None:
             raise ValueError("mask is not allowed when causal")
-        if x.dim() != 3 or x.size(-1) != self.pos_emb.embedding_dim:
-            raise ValueError(
-                f"x must be (B, T, {self.pos_emb.embedding_dim}), got {tuple(x.shape)}"
+        D, w = self.pos_emb.embedding_dim, self.pos_emb.weight
+        _check_tensor("ValleNARDecoder", "x", x, w, f"(B, T, {D})")
+        if x.dim() != 3 or x.size(-1) != D:
+            raise ValueError(f"x must be (B, T, {D}), got {tuple(x.shape)}")
+        if not isinstance(level, Tensor) or level.dtype not in (torch.int64, torch.int32):
+            what = level.dtype if isinstance(level, Tensor) else type(level).__name__
+            raise TypeError(
+                f"ValleNARDecoder: level must be an integer tensor (B,) or (B, T), got {what}"
             )
         if level.dim() not in (1, 2) or level.shape != x.shape[: level.dim()]:
             raise ValueError(
                 f"level must be (B,) or (B, T) for x {tuple(x.shape)}, got {tuple(level.shape)}"
             )
-        emb = self.level_emb(level)
-        offset = next(iter(kv_cache.values())).shape[1] if kv_cache else 0
+        if level.device != w.device:
+            raise ValueError(
+                f"ValleNARDecoder: level must be on the module's device {w.device}, got "
+                f"{level.device}"
+            )
+        try:
+            emb = self.level_emb(level)
+        except IndexError as err:  # (on the CPU; checking the range elsewhere needs a sync)
+            n = self.level_emb.num_embeddings
+            raise IndexError(f"ValleNARDecoder: level must be in [0, n_level = {n})") from err
+        offset = 0
+        if kv_cache:
+            cached = next(iter(kv_cache.values()))
+            if cached.dim() != 3 or cached.shape[0] != x.shape[0]:
+                raise ValueError(
+                    f"ValleNARDecoder: kv_cache holds (B, T_cached, D) = {tuple(cached.shape)}, "
+                    f"not of x's batch {x.shape[0]}"
+                )
+            offset = cached.shape[1]
         if offset + x.shape[1] > self.pos_emb.num_embeddings:
             raise ValueError(
                 f"positions {offset}..{offset + x.shape[1] - 1} exceed n_ctx = "
