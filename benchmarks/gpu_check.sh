@@ -8,8 +8,8 @@
 # PARTS (default "tests,bench,e2e") picks what runs after the build; all of it together takes
 # longer than one 10-minute command, so run e.g. "tests,bench" in one call and "e2e" in the next.
 #
-# OUTDIR gets: build.log, info.txt, test_cuda.log, bench.log, and results/<gpu-slug>/full.json
-# plus one full-<op>.png per op. Commit the results/ part under benchmarks/results/.
+# OUTDIR gets: build.log, info.txt, test_cuda.log, bench.log, and
+# results/<gpu-slug>/full-<UTC time>.json plus one full-<UTC time>-<op>.png per op. Commit the results/ part under benchmarks/results/.
 set -uo pipefail
 
 OUT=${1:?usage: benchmarks/gpu_check.sh OUTDIR [tests,bench,e2e]}

@@ -62,34 +62,76 @@ def _sync(device: torch.device) -> None:
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, quick: bool) -> float:
-    """Median milliseconds of fn() (already warmed up)."""
+    """Median milliseconds of fn() (already warmed up): one round of `time_round`."""
+    return time_round(fn, device, quick)[0]
+
+
+def time_round(
+    fn: Callable[[], object], device: torch.device, quick: bool, share: float = 1.0
+) -> tuple[float, int]:
+    """(median milliseconds, iterations) of fn() (already warmed up), timed for `share` of the
+    per-measurement budget: CUDA events through triton's do_bench on a GPU, perf_counter on a
+    CPU (at least 5 calls)."""
     if device.type == "cuda":
         try:
             from triton.testing import do_bench
 
-            return float(
-                do_bench(
-                    fn, warmup=25 if quick else 100, rep=50 if quick else 300, return_mode="median"
-                )
-            )
+            warmup, rep = (25, 50) if quick else (100, 300)
+            ms = do_bench(fn, warmup=warmup * share, rep=rep * share, return_mode="median")
+            return float(ms), max(1, int(rep * share / max(float(ms), 1e-6)))
         except ImportError:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             times = []
-            for _ in range(20 if quick else 100):
+            for _ in range(max(5, int((20 if quick else 100) * share))):
                 start.record()
                 fn()
                 end.record()
                 torch.cuda.synchronize(device)
                 times.append(start.elapsed_time(end))
-            return sorted(times)[len(times) // 2]
-    budget = 0.05 if quick else 0.5
+            return sorted(times)[len(times) // 2], len(times)
+    budget = (0.05 if quick else 0.5) * share
     times: list[float] = []
     t_end = time.perf_counter() + budget
     while len(times) < 5 or (time.perf_counter() < t_end and len(times) < 1000):
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[len(times) // 2]
+    return sorted(times)[len(times) // 2], len(times)
+
+
+def time_rounds(
+    fns: list[Callable[[], object]],
+    device: torch.device,
+    quick: bool,
+    kernel_backends: list[str | None] | None = None,
+) -> list[tuple[list[float], int]]:
+    """Each fn timed side by side in interleaved rounds: a round times every fn once in turn
+    (the order reversed every other round), so the drift and bursts of a shared machine fall on
+    all of them alike; fn i runs under use_backend(kernel_backends[i]) where that is given.
+    -> per fn, (its per-round median ms, its total iterations). Ratios are then taken round by
+    round (`_add_ratios`)."""
+    rounds = ROUNDS_QUICK if quick else ROUNDS_FULL
+    names = kernel_backends or [None] * len(fns)
+    per_round: list[list[float]] = [[] for _ in fns]
+    iters = [0] * len(fns)
+    for r in range(rounds):
+        order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
+        for i in order:
+            ctx = backends.use_backend(names[i]) if names[i] else _nullcontext()
+            with ctx:
+                ms, n = time_round(fns[i], device, quick, share=2.0 / rounds)
+            per_round[i].append(ms)
+            iters[i] += n
+    return list(zip(per_round, iters, strict=True))
+
+
+ROUNDS_QUICK, ROUNDS_FULL = 3, 7
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
 
 
 def _peak_mem_mb(fn: Callable[[], object], device: torch.device) -> float | None:
@@ -118,6 +160,23 @@ def _seqkern_providers(spec: OpBench, device: torch.device) -> list[Provider]:
             continue
         out.append(Provider("seqkern", spec.public, backend=name))
     return out
+
+
+def no_seqkern_row_reason(spec: OpBench, device: torch.device) -> str | None:
+    """Why `spec` gets no seqkern row on `device` (None when it gets one): the kernels the op
+    has and why none of them is timed here."""
+    if spec.op not in backends.registered_ops() or _seqkern_providers(spec, device):
+        return None
+    why = []
+    for name in backends.kernels(spec.op):
+        if name == "reference":
+            continue
+        reason = backends.unavailable_reason(name)
+        if reason is None and name in ("triton", "cuda") and device.type != "cuda":
+            reason = "needs a GPU (the Triton interpreter is for tests, not timing)"
+        why.append(f"{name}: {reason or 'not for this device'}")
+    kernels = "; ".join(why) or "only the reference (the upstream row) exists"
+    return f"{spec.op} has no seqkern kernel for {device.type} ({kernels})"
 
 
 class _Progress:
@@ -203,15 +262,28 @@ def _run_provider(
                             if g is not None
                         )
                 _sync(device)
-                row["ms"] = time_ms(fn, device, quick)
                 row["peak_mem_mb"] = _peak_mem_mb(fn, device)
-                row["gbps"] = spec.bytes(case, dtype, direction) / (row["ms"] * 1e-3) / 1e9
-                row["tflops"] = spec.flops(case, direction) / (row["ms"] * 1e-3) / 1e12
                 row["ref_err_same_dtype"] = ref_error[direction]
+                row["_fn"] = fn  # timed by run(), side by side with the other providers
             except Exception as err:  # noqa: BLE001 - report, keep benchmarking the rest
                 row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
             rows.append(row)
     return rows
+
+
+def _time_side_by_side(rows: list[dict], spec: OpBench, case: Case, dtype, device, quick):
+    """Time the checked rows of one (case, dtype), each direction's providers interleaved, and
+    fill ms (the median of the per-round medians), the rounds, iterations and rates."""
+    for direction in DIRECTIONS:
+        todo = [r for r in rows if r["direction"] == direction and "_fn" in r]
+        timed = time_rounds([r["_fn"] for r in todo], device, quick, [r["backend"] for r in todo])
+        for r, (per_round, iters) in zip(todo, timed, strict=True):
+            r["round_ms"], r["iters"] = per_round, iters
+            r["ms"] = _median(per_round)
+            r["gbps"] = spec.bytes(case, dtype, direction) / (r["ms"] * 1e-3) / 1e9
+            r["tflops"] = spec.flops(case, direction) / (r["ms"] * 1e-3) / 1e12
+    for r in rows:
+        r.pop("_fn", None)
 
 
 class _nullcontext:
@@ -223,15 +295,21 @@ class _nullcontext:
 
 
 def _add_ratios(rows: list[dict]) -> None:
-    """ratio_vs[b] = ms(b) / ms(seqkern row), for each baseline b timed in the same run."""
+    """ratio_vs[b] = the median over rounds of ms(b) / ms(seqkern row) within each round, for
+    each baseline b timed side by side with it; ratio_range[b] = (min, max) over the rounds."""
     key = lambda r: (r["op"], r["case"], r["dtype"], r["direction"])  # noqa: E731
     base = {}
     for r in rows:
         if r["provider"] in BASELINES and r["ms"]:
-            base.setdefault(key(r), {})[r["provider"]] = r["ms"]
+            base.setdefault(key(r), {})[r["provider"]] = r["round_ms"]
     for r in rows:
         if r["provider"] == "seqkern" and r["ms"]:
-            r["ratio_vs"] = {b: ms / r["ms"] for b, ms in base.get(key(r), {}).items()}
+            per_round = {
+                b: [t / s for t, s in zip(ts, r["round_ms"], strict=True)]
+                for b, ts in base.get(key(r), {}).items()
+            }
+            r["ratio_vs"] = {b: _median(x) for b, x in per_round.items()}
+            r["ratio_range"] = {b: (min(x), max(x)) for b, x in per_round.items()}
 
 
 def run(
@@ -252,7 +330,7 @@ def run(
         for case in spec.cases(quick, device):
             for dtype in op_dtypes:
                 plan.append((spec, case, dtype, provs))
-    bar = _Progress(sum(len(p[3]) for p in plan), progress)
+    bar = _Progress(sum(len(p[3]) + 1 for p in plan), progress)
     rows: list[dict] = []
     for spec, case, dtype, provs in plan:
         inputs, dy = spec.make_inputs(case, dtype, device)  # float inputs require grad
@@ -273,8 +351,9 @@ def run(
         }
         del ref_grads
         del y_dt
+        case_rows: list[dict] = []
         for prov in provs:
-            rows += _run_provider(
+            case_rows += _run_provider(
                 prov,
                 spec,
                 case,
@@ -287,7 +366,10 @@ def run(
                 oracle_grads,
                 ref_error,
             )
-            bar.step(f"{spec.op} {case.name} {str(dtype)[6:]} {prov.label}")
+            bar.step(f"{spec.op} {case.name} {str(dtype)[6:]} {prov.label} (checked)")
+        _time_side_by_side(case_rows, spec, case, dtype, device, quick)
+        bar.step(f"{spec.op} {case.name} {str(dtype)[6:]} timed")
+        rows += case_rows
         del inputs, inputs64, oracle_y, oracle_grads
     bar.close()
     _add_ratios(rows)
@@ -346,49 +428,64 @@ def _fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
-def table(rows: list[dict]) -> str:
-    present = [b for b in BASELINES if any(r["provider"] == b for r in rows)]
-    head = [
-        "op",
-        "case",
-        "dtype",
-        "dir",
-        "provider",
-        "ms",
-        "GB/s",
-        "TFLOP/s",
-        "peak MB",
-        "max err",
-        "ref err",
-    ] + [f"vs {b}" for b in present]
-    body = []
-    for r in rows:
-        label = f"seqkern[{r['backend']}]" if r.get("backend") else r["provider"]
-        ratios = r.get("ratio_vs", {})
-        body.append(
-            [
-                r["op"],
-                r["case"],
-                r["dtype"],
-                r["direction"],
-                label,
-                _fmt(r["ms"], ".4f"),
-                _fmt(r["gbps"], ".1f"),
-                _fmt(r["tflops"], ".3f"),
-                _fmt(r["peak_mem_mb"], ".1f"),
-                _fmt(r["max_err"], ".1e"),
-                _fmt(r.get("ref_err_same_dtype"), ".1e"),
-            ]
-            + [_fmt(ratios.get(b), ".2f") + ("x" if b in ratios else "") for b in present]
-        )
-        if r.get("error"):
-            body[-1][5] = "ERROR"
+def _ratio_cell(row: dict, baseline: str) -> str:
+    """'2.41x (2.30-2.52)': the median ratio over the rounds and its min-max."""
+    ratio = row.get("ratio_vs", {}).get(baseline)
+    if ratio is None:
+        return "-"
+    lo, hi = row.get("ratio_range", {}).get(baseline, (ratio, ratio))
+    return f"{ratio:.2f}x ({lo:.2f}-{hi:.2f})"
+
+
+def _grid(head: list[str], body: list[list[str]]) -> list[str]:
+    """Left-aligned columns, two spaces apart, under a rule."""
     widths = [
         max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)
     ]
     lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip()]
     lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.ljust(w) for c, w in zip(b, widths)).rstrip() for b in body]
+    return lines + ["  ".join(c.ljust(w) for c, w in zip(b, widths)).rstrip() for b in body]
+
+
+def _label(row: dict) -> str:
+    return f"seqkern[{row['backend']}]" if row.get("backend") else row["provider"]
+
+
+def table(rows: list[dict]) -> str:
+    """Every row (timing, rates, errors), then the headline: each seqkern row against every
+    baseline timed beside it, median ratio and its min-max over the rounds. A column with no
+    value in any row (peak MB on a CPU: torch keeps no CPU allocator statistics) is left out
+    and named below."""
+    cols = [
+        ("op", lambda r: r["op"]),
+        ("case", lambda r: r["case"]),
+        ("dtype", lambda r: r["dtype"]),
+        ("dir", lambda r: r["direction"]),
+        ("provider", _label),
+        ("ms", lambda r: "ERROR" if r.get("error") else _fmt(r["ms"], ".4f")),
+        ("GB/s", lambda r: _fmt(r["gbps"], ".1f")),
+        ("TFLOP/s", lambda r: _fmt(r["tflops"], ".3f")),
+        ("peak MB", lambda r: _fmt(r["peak_mem_mb"], ".1f")),
+        ("max err", lambda r: _fmt(r["max_err"], ".1e")),
+        ("ref err", lambda r: _fmt(r.get("ref_err_same_dtype"), ".1e")),
+    ]
+    keys = {"peak MB": "peak_mem_mb"}
+    empty = [h for h, _ in cols if h in keys and all(r.get(keys[h]) is None for r in rows)]
+    cols = [(h, f) for h, f in cols if h not in empty]
+    lines = _grid([h for h, _ in cols], [[f(r) for _, f in cols] for r in rows])
+    if empty:
+        lines.append(f"(not measured on this device: {', '.join(empty)})")
+    present = [b for b in BASELINES if any(r["provider"] == b for r in rows)]
+    seq = [r for r in rows if r["provider"] == "seqkern" and r.get("ms")]
+    if present and seq:
+        lines += ["", "headline: baseline ms / seqkern ms, median over the rounds (min-max)", ""]
+        head = ["op", "case", "dtype", "dir", "seqkern", "ms"] + [f"vs {b}" for b in present]
+        body = [
+            [r["op"], r["case"], r["dtype"], r["direction"], _label(r), _fmt(r["ms"], ".4f")]
+            + [_ratio_cell(r, b) for b in present]
+            for r in seq
+        ]
+        lines += _grid(head, body)
     errors = [r for r in rows if r.get("error")]
     if errors:
         lines.append("")
@@ -400,7 +497,25 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], op: str, path: Path, title: str) -> bool:
+# One colour per provider in every plot: seqkern's backends in blues and greens, the baselines
+# in greys and warm colours (matplotlib's tab10 entries)
+COLORS = {
+    "seqkern[cuda]": "#1f77b4",
+    "seqkern[triton]": "#2ca02c",
+    "seqkern[cpu]": "#17becf",
+    "seqkern": "#1f77b4",
+    "upstream": "#7f7f7f",
+    "compile": "#ff7f0e",
+    "sdpa": "#9467bd",
+    "flex": "#d62728",
+    "sdpa_nobias": "#8c564b",
+    "parts": "#e377c2",
+}
+
+
+def plot(rows: list[dict], op: str, path: Path, title: str, note: str | None = None) -> bool:
+    """Effective GB/s per provider, one panel per direction, one colour per provider (COLORS)
+    in every plot; `note` (e.g. why there is no seqkern bar) is printed under the title."""
     try:
         import matplotlib
 
@@ -413,10 +528,7 @@ def plot(rows: list[dict], op: str, path: Path, title: str) -> bool:
     if not op_rows:
         return False
     fig, axes = plt.subplots(1, len(DIRECTIONS), figsize=(6 * len(DIRECTIONS), 4.5), squeeze=False)
-    labels = sorted(
-        {f"seqkern[{r['backend']}]" if r.get("backend") else r["provider"] for r in op_rows},
-        key=lambda s: (not s.startswith("seqkern"), s),
-    )
+    labels = sorted({_label(r) for r in op_rows}, key=lambda s: (not s.startswith("seqkern"), s))
     for ax, direction in zip(axes[0], DIRECTIONS, strict=True):
         drows = [r for r in op_rows if r["direction"] == direction]
         groups = sorted({(r["case"], r["dtype"]) for r in drows})
@@ -427,17 +539,22 @@ def plot(rows: list[dict], op: str, path: Path, title: str) -> bool:
                 match = [
                     r["gbps"]
                     for r in drows
-                    if (r["case"], r["dtype"]) == (case, dtype)
-                    and (f"seqkern[{r['backend']}]" if r.get("backend") else r["provider"]) == label
+                    if (r["case"], r["dtype"]) == (case, dtype) and _label(r) == label
                 ]
                 vals.append(match[0] if match else 0.0)
-            ax.bar([g + i * width for g in range(len(groups))], vals, width, label=label)
+            ax.bar(
+                [g + i * width for g in range(len(groups))],
+                vals,
+                width,
+                label=label,
+                color=COLORS.get(label, "#bcbd22"),
+            )
         ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))])
         ax.set_xticklabels([f"{c}\n{d}" for c, d in groups], fontsize=7)
         ax.set_ylabel("effective GB/s (higher is better)")
         ax.set_title(f"{op} {direction}")
         ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(title if note is None else f"{title}\n{note}", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -487,7 +604,9 @@ def main(argv: list[str] | None = None) -> int:
         "--dtypes", nargs="*", default=None, help="default: bfloat16 float32 on GPU, float32 on CPU"
     )
     parser.add_argument("--out", default="benchmarks/results", help="results folder")
-    parser.add_argument("--run-name", default=None, help="file stem (default: quick or full)")
+    parser.add_argument(
+        "--run-name", default=None, help="file stem (default: quick-<UTC time> or full-<UTC time>)"
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
@@ -501,11 +620,14 @@ def main(argv: list[str] | None = None) -> int:
         dtypes = [getattr(torch, d) for d in args.dtypes]
     else:
         dtypes = [torch.bfloat16, torch.float32] if device.type == "cuda" else [torch.float32]
-    run_name = args.run_name or ("quick" if quick else "full")
+    # a rerun never overwrites an earlier one: the default name carries the UTC time
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    run_name = args.run_name or f"{'quick' if quick else 'full'}-{stamp}"
 
     dev_name = device_name(device)
     print(
-        f"seqkern bench: {dev_name}, {'quick' if quick else 'full'} shapes, ops: {', '.join(ops)}",
+        f"seqkern bench: {dev_name}, {torch.get_num_threads()} threads, "
+        f"{'quick' if quick else 'full'} shapes, ops: {', '.join(ops)}",
         file=sys.stderr,
     )
     unbenched = [op for op in backends.registered_ops() if op not in SPECS]
@@ -520,6 +642,10 @@ def main(argv: list[str] | None = None) -> int:
             "build takes longer than the run); use --full",
             file=sys.stderr,
         )
+    for op in ops:
+        reason = no_seqkern_row_reason(SPECS[op], device)
+        if reason:
+            print(f"seqkern bench: no seqkern row: {reason}", file=sys.stderr)
     rows = run(
         ops, device, quick, dtypes, progress=not args.no_progress, explicit_dtypes=bool(args.dtypes)
     )
@@ -530,6 +656,11 @@ def main(argv: list[str] | None = None) -> int:
         "commit": _commit(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "quick": quick,
+        "threads": torch.get_num_threads(),
+        "rounds": ROUNDS_QUICK if quick else ROUNDS_FULL,
+        "timing": "interleaved rounds: every provider of a (case, dtype, direction) once per "
+        "round, order reversed every other round; ms = median of the per-round medians, "
+        "ratio_vs = median of the per-round ratios, ratio_range = their min and max",
         "rows": rows,
     }
     out_dir = Path(args.out) / slug(dev_name)
@@ -541,6 +672,6 @@ def main(argv: list[str] | None = None) -> int:
     for op in ops:
         png = out_dir / f"{run_name}-{op}.png"
         title = f"{op} on {dev_name} | torch {torch.__version__} | seqkern {result['commit']}"
-        if plot(rows, op, png, title):
+        if plot(rows, op, png, title, note=no_seqkern_row_reason(SPECS[op], device)):
             print(f"wrote {png}")
     return 1 if any(r.get("error") for r in rows) else 0
