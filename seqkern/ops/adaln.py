@@ -76,7 +76,7 @@ def _check(x: Tensor, gamma: Tensor, beta: Tensor, eps: float) -> None:
     for name, t in (("x", x), ("gamma", gamma), ("beta", beta)):
         if not isinstance(t, Tensor):
             raise TypeError(f"adaln: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if not isinstance(eps, (numbers.Real, Tensor)):
+    if isinstance(eps, bool) or not isinstance(eps, (numbers.Real, Tensor)):
         raise TypeError(f"adaln: eps must be a float, got {type(eps).__name__}")
     if x.dim() != 3:
         raise ValueError(f"adaln: x must be (B, T, D), got shape {tuple(x.shape)}")

@@ -409,6 +409,11 @@ class PackedAttentionFunction(torch.autograd.Function):
         return dqkv, None, None, None, None
 
 
+def _check_scale(op: str, scale) -> None:
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise TypeError(f"{op}: scale must be a float or None, got {scale!r:.40}")
+
+
 def _check(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
@@ -484,6 +489,7 @@ def attention(
         >>> out = attention(q, k, v, causal=True)  # (2, 4, 50, 64)
     """
     _check(q, k, v, mask)
+    _check_scale("attention", scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return AttentionFunction.apply(q, k, v, mask, bool(causal), scale)
 
@@ -508,6 +514,9 @@ def attention_packed(
     """
     if not isinstance(qkv, Tensor) or qkv.dim() != 3:
         raise ValueError(f"attention_packed: qkv must be a (B, T, 3 * D) tensor, got {qkv!r:.60}")
+    if not qkv.is_floating_point():
+        raise ValueError(f"attention_packed: qkv must be floating point, got {qkv.dtype}")
+    _check_scale("attention_packed", scale)
     try:
         heads = operator.index(n_head)  # an int or a numpy int, not a float
     except TypeError:

@@ -197,7 +197,19 @@ class ChunkAttentionFunction(torch.autograd.Function):
         return dq, dk, dv, dbias if bias_grad else None, None, None, None, None
 
 
-def _check(q, k, v, bias, key_padding_mask, chunk_size, dropout_p) -> None:
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _check(q, k, v, bias, key_padding_mask, chunk_size, dropout_p, scaling=None) -> None:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise TypeError(
+            f"chunk_attention: chunk_size must be an int (<= 0: one block), got {chunk_size!r}"
+        )
+    if not _is_number(dropout_p):
+        raise TypeError(f"chunk_attention: dropout_p must be a float, got {dropout_p!r}")
+    if scaling is not None and not _is_number(scaling):
+        raise TypeError(f"chunk_attention: scaling must be a float or None, got {scaling!r}")
     for name, t in (("q", q), ("k", k), ("v", v), ("bias", bias)):
         if not isinstance(t, Tensor):
             raise ValueError(f"chunk_attention: {name} must be a torch.Tensor")
@@ -287,7 +299,7 @@ def chunk_attention(
         >>> o = seqkern.ops.chunk.chunk_attention(q, k, v, torch.zeros(4, 4), chunk_size=4)
         >>> o = seqkern.ops.chunk.chunk_attention(q, k, v, torch.zeros(7), chunk_size=4)
     """
-    _check(q, k, v, bias, key_padding_mask, chunk_size, dropout_p)
+    _check(q, k, v, bias, key_padding_mask, chunk_size, dropout_p, scaling)
     scaling = float(q.shape[2] ** -0.5 if scaling is None else scaling)
     if dropout_p > 0 and training:
         backends.select(OP, q, k, v, bias, dropout_p, training)  # BackendError if disallowed

@@ -338,7 +338,9 @@ def ema(
             raise ValueError(
                 f"ema: pad_mask must be on x's device {x.device}, got {pad_mask.device}"
             )
-    if truncation is not None and (not isinstance(truncation, int) or truncation < 1):
+    if truncation is not None and (
+        not isinstance(truncation, int) or isinstance(truncation, bool) or truncation < 1
+    ):
         raise ValueError(f"ema: truncation must be None or an int >= 1, got {truncation!r}")
     if not torch.compiler.is_compiling():
         # Eager: the reference runs as itself, under autograd (double backward included).

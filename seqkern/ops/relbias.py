@@ -290,6 +290,14 @@ def relbias_attention(
         raise ValueError("relbias_attention: head dim must be at least 1, got 0")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"relbias_attention: scale must be a float, got {type(scale).__name__}")
+    if (
+        isinstance(dropout_p, bool)
+        or not isinstance(dropout_p, (int, float))
+        or not 0.0 <= dropout_p <= 1.0
+    ):
+        raise ValueError(
+            f"relbias_attention: dropout_p must be a number in [0, 1], got {dropout_p!r}"
+        )
     if gate is not None and tuple(gate.shape) != (B, H, T, 1):
         raise ValueError(
             f"relbias_attention: gate must be (B, H, T, 1) = {(B, H, T, 1)}, "
