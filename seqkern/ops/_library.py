@@ -17,6 +17,12 @@ import torch
 _LIB = torch.library.Library("seqkern", "DEF")
 
 
+def is_number(x) -> bool:
+    """A real scalar argument (scale, dropout_p, ...): an int or float, or its symbolic form
+    under torch.compile (a float argument may be traced as a SymFloat); not a bool."""
+    return isinstance(x, (int, float, torch.SymInt, torch.SymFloat)) and not isinstance(x, bool)
+
+
 def define_op(name: str, schema: str, impl: Callable, fake: Callable):
     """Define `seqkern::<name><schema>` with a backend-dispatching `impl` and a `fake`.
 

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from seqkern import backends
-from seqkern.ops._library import define_op
+from seqkern.ops._library import define_op, is_number
 from seqkern.reference.attention import attention_ref
 
 OP = "attention"
@@ -410,7 +410,7 @@ class PackedAttentionFunction(torch.autograd.Function):
 
 
 def _check_scale(op: str, scale) -> None:
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+    if scale is not None and not is_number(scale):
         raise TypeError(f"{op}: scale must be a float or None, got {scale!r:.40}")
 
 

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from seqkern import backends
-from seqkern.ops._library import define_op
+from seqkern.ops._library import define_op, is_number
 from seqkern.reference.chunk import chunk_attention_ref
 
 OP = "chunk_attention"
@@ -197,18 +197,14 @@ class ChunkAttentionFunction(torch.autograd.Function):
         return dq, dk, dv, dbias if bias_grad else None, None, None, None, None
 
 
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
 def _check(q, k, v, bias, key_padding_mask, chunk_size, dropout_p, scaling=None) -> None:
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
         raise TypeError(
             f"chunk_attention: chunk_size must be an int (<= 0: one block), got {chunk_size!r}"
         )
-    if not _is_number(dropout_p):
+    if not is_number(dropout_p):
         raise TypeError(f"chunk_attention: dropout_p must be a float, got {dropout_p!r}")
-    if scaling is not None and not _is_number(scaling):
+    if scaling is not None and not is_number(scaling):
         raise TypeError(f"chunk_attention: scaling must be a float or None, got {scaling!r}")
     for name, t in (("q", q), ("k", k), ("v", v), ("bias", bias)):
         if not isinstance(t, Tensor):

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from seqkern import backends
-from seqkern.ops._library import define_op
+from seqkern.ops._library import define_op, is_number
 from seqkern.reference.emformer import emformer_attention_ref
 
 OP = "emformer_attention"
@@ -93,14 +93,10 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _is_real(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
 def _check_scalars(op: str, dropout_p, negative_inf) -> None:
-    if not _is_real(dropout_p) or not 0.0 <= dropout_p <= 1.0:
+    if not is_number(dropout_p) or not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"{op}: dropout_p must be a number in [0, 1], got {dropout_p!r}")
-    if not _is_real(negative_inf) or not math.isfinite(negative_inf):
+    if not is_number(negative_inf) or not math.isfinite(negative_inf):
         raise ValueError(
             f"{op}: negative_inf must be a finite number (upstream: -1e8), got {negative_inf!r}"
         )

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from seqkern import backends
-from seqkern.ops._library import define_op
+from seqkern.ops._library import define_op, is_number
 from seqkern.reference.relbias import (
     relbias_attention_bwd_ref,
     relbias_attention_fwd_ref,
@@ -288,13 +288,9 @@ def relbias_attention(
         )
     if q.shape[-1] == 0:
         raise ValueError("relbias_attention: head dim must be at least 1, got 0")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+    if not is_number(scale):
         raise TypeError(f"relbias_attention: scale must be a float, got {type(scale).__name__}")
-    if (
-        isinstance(dropout_p, bool)
-        or not isinstance(dropout_p, (int, float))
-        or not 0.0 <= dropout_p <= 1.0
-    ):
+    if not is_number(dropout_p) or not 0.0 <= dropout_p <= 1.0:
         raise ValueError(
             f"relbias_attention: dropout_p must be a number in [0, 1], got {dropout_p!r}"
         )
