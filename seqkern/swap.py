@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from seqkern.backends import BACKENDS, use_backend
+from seqkern.backends import BACKENDS, BackendError, unavailable_reason, use_backend
 
 
 @dataclass(frozen=True)
@@ -312,6 +312,12 @@ def swap(model: nn.Module, backend: str | tuple[str, ...] | None = None) -> nn.M
         if bad:
             raise ValueError(
                 f"seqkern.swap: unknown backend(s) {bad}; expected names from {BACKENDS}"
+            )
+        why = {b: unavailable_reason(b) for b in backend}
+        if all(why.values()):  # refuse now, not at the first forward
+            raise BackendError(
+                "seqkern.swap: no requested backend can run in this process: "
+                + "; ".join(f"{b}: {w}" for b, w in why.items())
             )
     swapped, skipped = 0, []
 

@@ -66,53 +66,10 @@ def _missing(what: str):
 
 
 def _load_torchaudio_sources() -> None:
-    """Make torchaudio's pure-Python files importable without running torchaudio/__init__.py.
+    """torchaudio 2.8.0's pure-Python files, importable (seqkern.bench.upstream does it)."""
+    from seqkern.bench.upstream import load_torchaudio_sources
 
-    The package objects are stand-ins whose __path__ points at the unpacked sources, so the
-    compiled library (built for torch 2.8) is never loaded.
-    """
-    if "torchaudio.prototype.models._emformer_hubert" in sys.modules:
-        return
-    pkg_root = TORCHAUDIO_DIR / "torchaudio"
-    for name in (
-        "torchaudio",
-        "torchaudio._internal",
-        "torchaudio.compliance",
-        "torchaudio.models",
-        "torchaudio.prototype",
-        "torchaudio.prototype.models",
-    ):
-        module = types.ModuleType(name)
-        module.__path__ = [str(pkg_root.joinpath(*name.split(".")[1:]))]
-        sys.modules[name] = module
-    for name in (
-        "torchaudio._internal.module_utils",
-        "torchaudio.compliance.kaldi",
-        "torchaudio.models.emformer",
-        "torchaudio.prototype.models.conv_emformer",
-        "torchaudio.models.rnnt",  # imports Emformer from the package: set just before
-        "torchaudio.models.rnnt_decoder",  # imports RNNT from the package
-        "torchaudio.models.wav2vec2",  # a package (pure Python)
-        "torchaudio.prototype.models._emformer_hubert",  # imports Wav2Vec2Model
-    ):
-        models = sys.modules["torchaudio.models"]
-        if name == "torchaudio.models.rnnt":
-            models.Emformer = sys.modules["torchaudio.models.emformer"].Emformer
-        if name == "torchaudio.models.rnnt_decoder":
-            models.RNNT = sys.modules["torchaudio.models.rnnt"].RNNT
-        if name == "torchaudio.prototype.models._emformer_hubert":
-            models.Wav2Vec2Model = sys.modules["torchaudio.models.wav2vec2"].Wav2Vec2Model
-        path = pkg_root.joinpath(*name.split(".")[1:])
-        package = path.is_dir()
-        path = path / "__init__.py" if package else path.with_suffix(".py")
-        spec = importlib.util.spec_from_file_location(
-            name, path, submodule_search_locations=[str(path.parent)] if package else None
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-        parent, _, leaf = name.rpartition(".")
-        setattr(sys.modules[parent], leaf, module)
+    load_torchaudio_sources(TORCHAUDIO_DIR)
 
 
 @pytest.fixture(scope="session")

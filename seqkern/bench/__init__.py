@@ -35,6 +35,7 @@ from seqkern.bench import emformer_conv as _emformer_conv_spec
 from seqkern.bench import mega as _mega_spec
 from seqkern.bench import relbias as _relbias_spec
 from seqkern.bench import valle as _valle_spec
+from seqkern.bench import workloads as _workloads
 from seqkern.bench.core import BASELINES, DIRECTIONS, Case, OpBench, Provider
 from seqkern.testing import max_abs_error
 
@@ -67,11 +68,16 @@ def time_ms(fn: Callable[[], object], device: torch.device, quick: bool) -> floa
 
 
 def time_round(
-    fn: Callable[[], object], device: torch.device, quick: bool, share: float = 1.0
+    fn: Callable[[], object],
+    device: torch.device,
+    quick: bool,
+    share: float = 1.0,
+    budget_s: float | None = None,
+    min_calls: int = 5,
 ) -> tuple[float, int]:
     """(median milliseconds, iterations) of fn() (already warmed up), timed for `share` of the
-    per-measurement budget: CUDA events through triton's do_bench on a GPU, perf_counter on a
-    CPU (at least 5 calls)."""
+    per-measurement budget (or for `budget_s` seconds): CUDA events through triton's do_bench
+    on a GPU, perf_counter on a CPU (at least `min_calls` calls)."""
     if device.type == "cuda":
         try:
             from triton.testing import do_bench
@@ -89,14 +95,14 @@ def time_round(
                 torch.cuda.synchronize(device)
                 times.append(start.elapsed_time(end))
             return sorted(times)[len(times) // 2], len(times)
-    budget = (0.05 if quick else 0.5) * share
+    budget = budget_s if budget_s is not None else (0.05 if quick else 0.5) * share
     times: list[float] = []
     t_end = time.perf_counter() + budget
-    while len(times) < 5 or (time.perf_counter() < t_end and len(times) < 1000):
+    while len(times) < min_calls or (time.perf_counter() < t_end and len(times) < 1000):
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[len(times) // 2], len(times)
+    return _median(times), len(times)
 
 
 def time_rounds(
@@ -104,13 +110,17 @@ def time_rounds(
     device: torch.device,
     quick: bool,
     kernel_backends: list[str | None] | None = None,
+    rounds: int | None = None,
+    round_s: float | None = None,
+    min_calls: int = 5,
 ) -> list[tuple[list[float], int]]:
     """Each fn timed side by side in interleaved rounds: a round times every fn once in turn
     (the order reversed every other round), so the drift and bursts of a shared machine fall on
     all of them alike; fn i runs under use_backend(kernel_backends[i]) where that is given.
     -> per fn, (its per-round median ms, its total iterations). Ratios are then taken round by
-    round (`_add_ratios`)."""
-    rounds = ROUNDS_QUICK if quick else ROUNDS_FULL
+    round (`_add_ratios`). `rounds`, `round_s` (seconds per fn per round) and `min_calls`
+    override the op benchmark's defaults."""
+    rounds = rounds or (ROUNDS_QUICK if quick else ROUNDS_FULL)
     names = kernel_backends or [None] * len(fns)
     per_round: list[list[float]] = [[] for _ in fns]
     iters = [0] * len(fns)
@@ -119,7 +129,9 @@ def time_rounds(
         for i in order:
             ctx = backends.use_backend(names[i]) if names[i] else _nullcontext()
             with ctx:
-                ms, n = time_round(fns[i], device, quick, share=2.0 / rounds)
+                ms, n = time_round(
+                    fns[i], device, quick, 2.0 / rounds, budget_s=round_s, min_calls=min_calls
+                )
             per_round[i].append(ms)
             iters[i] += n
     return list(zip(per_round, iters, strict=True))
@@ -510,6 +522,8 @@ COLORS = {
     "flex": "#d62728",
     "sdpa_nobias": "#8c564b",
     "parts": "#e377c2",
+    "ort": "#bcbd22",
+    "ort-nospin": "#dbdb8d",
 }
 
 
@@ -607,10 +621,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--run-name", default=None, help="file stem (default: quick-<UTC time> or full-<UTC time>)"
     )
+    parser.add_argument(
+        "--workloads",
+        nargs="*",
+        default=None,
+        help="CPU model workloads to run (the default on a machine without a GPU, unless --quick, "
+        f"--full or --ops is given; default: all of {', '.join(_workloads.BY_NAME)})",
+    )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=180.0,
+        help="seconds for the workload run: peers (torch.compile, ONNX Runtime) whose setup no "
+        "longer fits are left out and named (0: no limit)",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch (and ORT) threads")
+    parser.add_argument(
+        "--markdown", metavar="JSON", default=None, help="print a workload run's JSON as Markdown"
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    if args.markdown:
+        print(_workloads.markdown(json.loads(Path(args.markdown).read_text())), end="")
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    op_mode = args.quick or args.full or args.ops is not None
+    if args.workloads is not None or (device.type == "cpu" and not op_mode):
+        if device.type != "cpu":
+            parser.error("the model workloads are CPU benchmarks (--device cpu)")
+        return _workloads_main(args)
     quick = args.quick or (device.type == "cpu" and not args.full)
     ops = args.ops or list(SPECS)
     unknown = [o for o in ops if o not in SPECS]
@@ -674,4 +716,59 @@ def main(argv: list[str] | None = None) -> int:
         title = f"{op} on {dev_name} | torch {torch.__version__} | seqkern {result['commit']}"
         if plot(rows, op, png, title, note=no_seqkern_row_reason(SPECS[op], device)):
             print(f"wrote {png}")
+    return 1 if any(r.get("error") for r in rows) else 0
+
+
+def _workloads_main(args) -> int:
+    """The default CPU run: the model workloads (seqkern.bench.workloads) against upstream,
+    torch.compile and ONNX Runtime, the headline table, JSON and a plot of the ratios."""
+    names = args.workloads or list(_workloads.BY_NAME)
+    unknown = [n for n in names if n not in _workloads.BY_NAME]
+    if unknown:
+        raise SystemExit(
+            f"seqkern bench: unknown workload(s) {unknown}; known: {list(_workloads.BY_NAME)}"
+        )
+    device = torch.device("cpu")
+    dev_name = device_name(device)
+    budget = args.budget or None
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    run_name = args.run_name or f"cpu-{stamp}"
+    print(
+        f"seqkern bench: {dev_name}, {torch.get_num_threads()} threads, model workloads "
+        f"({len(names)}), budget {f'{budget:.0f} s' if budget else 'none'}; "
+        "--quick for the op microbenchmarks",
+        file=sys.stderr,
+    )
+    start = time.perf_counter()
+    rows = _workloads.run(names, budget, progress=not args.no_progress)
+    wall = time.perf_counter() - start
+    result = {
+        "device": dev_name,
+        **_versions(),
+        "commit": _commit(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "kind": "workloads",
+        "threads": torch.get_num_threads(),
+        "rounds": _workloads.ROUNDS,
+        "budget_s": budget,
+        "wall_s": wall,
+        "timing": "interleaved rounds: every provider of a workload once per round (at least one "
+        f"call, {_workloads.ROUND_S} s), order reversed every other round; ms = median of the "
+        "per-round medians, ratio_vs = median of the per-round ratios peer / seqkern, "
+        "ratio_range = their min and max",
+        "rows": rows,
+    }
+    out_dir = Path(args.out) / slug(dev_name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / f"{run_name}.json"
+    json_path.write_text(json.dumps(result, indent=1) + "\n")
+    print(_workloads.table(rows))
+    print(f"\n{wall:.0f} s; wrote {json_path}")
+    png = out_dir / f"{run_name}.png"
+    title = (
+        f"seqkern vs peers on {dev_name}, {torch.get_num_threads()} threads, fp32 | "
+        f"torch {torch.__version__} | seqkern {result['commit']}"
+    )
+    if _workloads.plot(rows, png, title):
+        print(f"wrote {png}")
     return 1 if any(r.get("error") for r in rows) else 0

@@ -9,7 +9,7 @@ from seqkern import bench
 def test_rounds_interleave_and_alternate_the_order(monkeypatch):
     calls = []
 
-    def fake_round(fn, device, quick, share=1.0):
+    def fake_round(fn, device, quick, share=1.0, **kw):
         calls.append(fn())
         return 1.0, 5
 
