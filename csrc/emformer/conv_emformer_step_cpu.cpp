@@ -1,4 +1,5 @@
-// One streaming step of a ConvEmformer layer on the CPU, fused: the whole layer in one call.
+// One streaming step of a ConvEmformer (or plain Emformer) layer on the CPU, fused: the whole
+// layer in one call; both share the attention and state update (`attend`).
 //
 // Streaming inference at batch 1 runs each layer on ~21 rows (right context, one segment, its
 // summary). Unfused, that is ~150 small PyTorch ops per layer whose Python and dispatch costs
@@ -203,85 +204,29 @@ at::Tensor conv(const at::Tensor& in, const at::Tensor& wt, const at::Tensor& bi
   return out;
 }
 
-}  // namespace
+// The part both layer types share: attention of the query rows over [memory ; rc ; utt with
+// the left context inserted], and the state update. qin holds the (R + U + S) x B query rows;
+// its first (R + U) x B rows (the normed [rc ; utt]) are also the key/value rows.
+struct Attended {
+  at::Tensor o;             // out_proj of the attention, ((R + U + S) B, D)
+  at::Tensor next_mems;     // the summary row's output, clamped or tanh: (S, B, D)
+  at::Tensor memory, lc_key, lc_val, past_length;  // the new state
+};
 
-// weights, in this order (upstream names under the layer):
-//   0-5   ffn0: module[0] LN w, b; module[1] Linear w, b; module[4] Linear w, b
-//   6-7   layer_norm_input w, b
-//   8-13  attention.emb_to_query w, b; attention.emb_to_key_value w, b; attention.out_proj w, b
-//   14-15 conv.pre_conv[0] LN w, b        16-17 conv.pre_conv[1] Linear w, b
-//   18-19 conv.conv weight (D, 1, k), bias
-//   20-21 conv.post_conv[0] LN w, b       22-23 conv.post_conv[2] Linear w, b
-//   24-29 ffn1 (as ffn0)                  30-31 layer_norm_output w, b
-// eps: the six LayerNorms' eps in the order ffn0, input, pre_conv, post_conv, ffn1, output.
-std::vector<at::Tensor> conv_emformer_step_cpu(
-    const at::Tensor& utt, const at::Tensor& rc, const at::Tensor& mems_in,
-    const at::Tensor& memory, const at::Tensor& lc_key, const at::Tensor& lc_val,
-    const at::Tensor& past_length, const at::Tensor& cache,
-    const at::Tensor& lengths, const std::vector<at::Tensor>& weights,
-    const std::vector<double>& eps, int64_t num_heads, int64_t segment_length,
-    int64_t ffn_activation, int64_t conv_activation, bool tanh_on_mem, double negative_inf) {
-  TORCH_CHECK(weights.size() == 32, "conv_emformer_step_cpu: expected 32 weights, got ",
-              weights.size());
-  TORCH_CHECK(eps.size() == 6, "conv_emformer_step_cpu: expected 6 eps, got ", eps.size());
-  for (const int64_t code : {ffn_activation, conv_activation}) {
-    TORCH_CHECK(code == kRelu || code == kGelu || code == kSilu,
-                "conv_emformer_step_cpu: unknown activation code ", code);
-  }
-  SK_CHECK_DIM(utt, 3);
-  SK_CHECK_DIM(rc, 3);
-  const int64_t U = utt.size(0), R = rc.size(0), B = utt.size(1), D = utt.size(2);
-  const auto opts = utt.options();
-  for (const at::Tensor* t : {&utt, &rc, &mems_in, &memory, &lc_key, &lc_val, &cache}) {
-    TORCH_CHECK(t->is_cpu() && t->scalar_type() == utt.scalar_type(),
-                "conv_emformer_step_cpu: every activation and state tensor must be a CPU "
-                "tensor of the utterance's dtype ",
-                utt.scalar_type());
-  }
-  for (const auto& w : weights) {
-    TORCH_CHECK(w.is_cpu() && w.scalar_type() == utt.scalar_type(),
-                "conv_emformer_step_cpu: weights must be CPU tensors of the utterance's dtype");
-  }
-  TORCH_CHECK(rc.size(1) == B && rc.size(2) == D, "conv_emformer_step_cpu: rc must be (R, ", B,
-              ", ", D, "), got ", rc.sizes());
-  TORCH_CHECK(D % num_heads == 0, "conv_emformer_step_cpu: D must be a multiple of num_heads");
-  const int64_t S = mems_in.size(0) > 0 ? 1 : 0;  // a summary row when memory is used
+Attended attend(const at::Tensor& qin, const at::Tensor& mems_in, const at::Tensor& memory,
+                const at::Tensor& lc_key, const at::Tensor& lc_val,
+                const at::Tensor& past_length, const at::Tensor& lengths,
+                const std::vector<at::Tensor>& W, int64_t wq, int64_t num_heads,
+                int64_t segment_length, int64_t R, int64_t U, int64_t B, bool tanh_on_mem,
+                double negative_inf) {
+  const int64_t D = qin.size(1), S = mems_in.size(0) > 0 ? 1 : 0, Tq = R + U + S;
+  const auto opts = qin.options();
   const int64_t m_cap = memory.size(0), lc_cap = lc_key.size(0);
-  TORCH_CHECK(weights[18].dim() == 3 && weights[18].size(0) == D && weights[18].size(1) == 1 &&
-                  weights[19].numel() == D,
-              "conv_emformer_step_cpu: the depthwise conv must be (D, 1, k) with a (D,) bias, "
-              "got ",
-              weights[18].sizes(), " and ", weights[19].sizes());
-  const int64_t k = weights[18].size(2);
-  TORCH_CHECK(cache.dim() == 3 && cache.size(0) == B && cache.size(1) == D &&
-                  cache.size(2) == k - 1,
-              "conv_emformer_step_cpu: cache must be (B, D, k - 1), got ", cache.sizes());
-
   // valid (right-aligned) state rows; upstream reads batch element 0's past length
   const int64_t past = past_length.reshape({-1})[0].item<int64_t>();
   const int64_t lc_rows = std::min(lc_cap, past);
   const int64_t mem_rows =
       S ? std::min(m_cap, (past + segment_length - 1) / segment_length) : int64_t{0};
-
-  const auto& W = weights;
-  auto ln = [&](const at::Tensor& x, int64_t i, double e) {
-    return layer_norm_rows(x, W[i].contiguous(), W[i + 1].contiguous(), e);
-  };
-  // x + 0.5 FFN(x), the residual fused into the second GEMM
-  auto ffn_residual = [&](const at::Tensor& x, int64_t i, double e) {
-    const auto h = linear(ln(x, i, e), W[i + 2], W[i + 3], ffn_activation + 1);
-    return linear(h, W[i + 4], W[i + 5], linear::kActNone, x, 0.5);
-  };
-
-  // x = [rc ; utt ; summary]
-  const int64_t Tq = R + U + S;
-  auto x = at::empty({Tq, B, D}, opts);
-  x.narrow(0, 0, R).copy_(rc);
-  x.narrow(0, R, U).copy_(utt);
-  if (S) x.narrow(0, R + U, 1).copy_(utt.narrow(0, 0, std::min(segment_length, U)).mean(0, true));
-  const auto X = x.view({Tq * B, D});
-  const auto f0 = ffn_residual(X, 0, eps[0]);
-  const auto n = ln(f0, 6, eps[1]);
 
   // attention over [mem ; rc ; utt[:a] ; lc ; utt[a:]]: upstream inserts the left context
   // after M + R' keys, R' = R + U - max(lengths), so a = U - max(lengths) (0 for a full segment;
@@ -289,12 +234,12 @@ std::vector<at::Tensor> conv_emformer_step_cpu(
   const int64_t Tk = mem_rows + R + lc_rows + U;
   const int64_t a =
       std::clamp<int64_t>(U - lengths.max().item<int64_t>(), int64_t{0}, U);
-  const auto q = linear(n, W[8], W[9]);
-  auto kv_in = n.narrow(0, 0, (R + U) * B);
+  const auto q = linear(qin, W[wq], W[wq + 1]);
+  auto kv_in = qin.narrow(0, 0, (R + U) * B);
   if (mem_rows) {
     kv_in = at::cat({memory.narrow(0, m_cap - mem_rows, mem_rows).reshape({-1, D}), kv_in});
   }
-  const auto kv = linear(kv_in, W[10], W[11]).view({mem_rows + R + U, B, 2 * D});
+  const auto kv = linear(kv_in, W[wq + 2], W[wq + 3]).view({mem_rows + R + U, B, 2 * D});
   auto keys = at::empty({Tk, B, D}, opts), values = at::empty({Tk, B, D}, opts);
   const int64_t front = mem_rows + R;
   auto place = [&](at::Tensor& dst, const at::Tensor& fresh, const at::Tensor& lc) {
@@ -320,12 +265,112 @@ std::vector<at::Tensor> conv_emformer_step_cpu(
     const auto hidden = positions.unsqueeze(0) >= key_lengths.unsqueeze(1);  // (B, Tk)
     scores.view({B, H, Tq, Tk}).masked_fill_(hidden.view({B, 1, 1, Tk}), negative_inf);
   }
-  const auto probs = at::softmax(scores, -1).to(utt.scalar_type());
+  const auto probs = at::softmax(scores, -1).to(qin.scalar_type());
   const auto attn = at::bmm(probs, vh).transpose(0, 1).reshape({Tq * B, D});
-  const auto o = linear(attn, W[12], W[13]);
-  auto next_mems = o.narrow(0, (R + U) * B, S * B).view({S, B, D});
-  next_mems = tanh_on_mem ? at::tanh(next_mems) : at::clamp(next_mems, -10, 10);
-  const auto r = o.narrow(0, 0, (R + U) * B) + f0.narrow(0, 0, (R + U) * B);
+  Attended out;
+  out.o = linear(attn, W[wq + 4], W[wq + 5]);
+  auto next_mems = out.o.narrow(0, (R + U) * B, S * B).view({S, B, D});
+  out.next_mems = tanh_on_mem ? at::tanh(next_mems) : at::clamp(next_mems, -10, 10);
+
+  // state: memory <- last M of [memory ; mems_in], lc <- last LC of [lc ; the new keys]
+  out.memory = at::cat({memory, mems_in});
+  if (m_cap > 0) out.memory = out.memory.narrow(0, out.memory.size(0) - m_cap, m_cap);
+  auto lc_k = at::cat({lc_key, keys.narrow(0, front, lc_rows + U)});
+  auto lc_v = at::cat({lc_val, values.narrow(0, front, lc_rows + U)});
+  out.lc_key = lc_k.narrow(0, lc_k.size(0) - lc_cap, lc_cap);
+  out.lc_val = lc_v.narrow(0, lc_v.size(0) - lc_cap, lc_cap);
+  out.past_length = past_length + U;
+  return out;
+}
+
+// The checks both steps make; returns (U, R, B, D).
+std::vector<int64_t> check_step(const char* op, const at::Tensor& utt, const at::Tensor& rc,
+                                const std::vector<const at::Tensor*>& acts,
+                                const std::vector<at::Tensor>& weights, size_t n_weights,
+                                const std::vector<double>& eps, size_t n_eps,
+                                const std::vector<int64_t>& codes, int64_t num_heads) {
+  TORCH_CHECK(weights.size() == n_weights, op, ": expected ", n_weights, " weights, got ",
+              weights.size());
+  TORCH_CHECK(eps.size() == n_eps, op, ": expected ", n_eps, " eps, got ", eps.size());
+  for (const int64_t code : codes) {
+    TORCH_CHECK(code == kRelu || code == kGelu || code == kSilu, op,
+                ": unknown activation code ", code);
+  }
+  SK_CHECK_DIM(utt, 3);
+  SK_CHECK_DIM(rc, 3);
+  const int64_t U = utt.size(0), R = rc.size(0), B = utt.size(1), D = utt.size(2);
+  for (const at::Tensor* t : acts) {
+    TORCH_CHECK(t->is_cpu() && t->scalar_type() == utt.scalar_type(), op,
+                ": every activation and state tensor must be a CPU tensor of the utterance's "
+                "dtype ",
+                utt.scalar_type());
+  }
+  for (const auto& w : weights) {
+    TORCH_CHECK(w.is_cpu() && w.scalar_type() == utt.scalar_type(), op,
+                ": weights must be CPU tensors of the utterance's dtype");
+  }
+  TORCH_CHECK(rc.size(1) == B && rc.size(2) == D, op, ": rc must be (R, ", B, ", ", D,
+              "), got ", rc.sizes());
+  TORCH_CHECK(D % num_heads == 0, op, ": D must be a multiple of num_heads");
+  return {U, R, B, D};
+}
+
+}  // namespace
+
+// weights, in this order (upstream names under the layer):
+//   0-5   ffn0: module[0] LN w, b; module[1] Linear w, b; module[4] Linear w, b
+//   6-7   layer_norm_input w, b
+//   8-13  attention.emb_to_query w, b; attention.emb_to_key_value w, b; attention.out_proj w, b
+//   14-15 conv.pre_conv[0] LN w, b        16-17 conv.pre_conv[1] Linear w, b
+//   18-19 conv.conv weight (D, 1, k), bias
+//   20-21 conv.post_conv[0] LN w, b       22-23 conv.post_conv[2] Linear w, b
+//   24-29 ffn1 (as ffn0)                  30-31 layer_norm_output w, b
+// eps: the six LayerNorms' eps in the order ffn0, input, pre_conv, post_conv, ffn1, output.
+std::vector<at::Tensor> conv_emformer_step_cpu(
+    const at::Tensor& utt, const at::Tensor& rc, const at::Tensor& mems_in,
+    const at::Tensor& memory, const at::Tensor& lc_key, const at::Tensor& lc_val,
+    const at::Tensor& past_length, const at::Tensor& cache,
+    const at::Tensor& lengths, const std::vector<at::Tensor>& weights,
+    const std::vector<double>& eps, int64_t num_heads, int64_t segment_length,
+    int64_t ffn_activation, int64_t conv_activation, bool tanh_on_mem, double negative_inf) {
+  const auto dims = check_step("conv_emformer_step_cpu", utt, rc,
+                               {&utt, &rc, &mems_in, &memory, &lc_key, &lc_val, &cache}, weights,
+                               32, eps, 6, {ffn_activation, conv_activation}, num_heads);
+  const int64_t U = dims[0], R = dims[1], B = dims[2], D = dims[3];
+  const auto opts = utt.options();
+  const int64_t S = mems_in.size(0) > 0 ? 1 : 0;  // a summary row when memory is used
+  TORCH_CHECK(weights[18].dim() == 3 && weights[18].size(0) == D && weights[18].size(1) == 1 &&
+                  weights[19].numel() == D,
+              "conv_emformer_step_cpu: the depthwise conv must be (D, 1, k) with a (D,) bias, "
+              "got ",
+              weights[18].sizes(), " and ", weights[19].sizes());
+  const int64_t k = weights[18].size(2);
+  TORCH_CHECK(cache.dim() == 3 && cache.size(0) == B && cache.size(1) == D &&
+                  cache.size(2) == k - 1,
+              "conv_emformer_step_cpu: cache must be (B, D, k - 1), got ", cache.sizes());
+
+  const auto& W = weights;
+  auto ln = [&](const at::Tensor& x, int64_t i, double e) {
+    return layer_norm_rows(x, W[i].contiguous(), W[i + 1].contiguous(), e);
+  };
+  // x + 0.5 FFN(x), the residual fused into the second GEMM
+  auto ffn_residual = [&](const at::Tensor& x, int64_t i, double e) {
+    const auto h = linear(ln(x, i, e), W[i + 2], W[i + 3], ffn_activation + 1);
+    return linear(h, W[i + 4], W[i + 5], linear::kActNone, x, 0.5);
+  };
+
+  // x = [rc ; utt ; summary of the raw utterance]
+  const int64_t Tq = R + U + S;
+  auto x = at::empty({Tq, B, D}, opts);
+  x.narrow(0, 0, R).copy_(rc);
+  x.narrow(0, R, U).copy_(utt);
+  if (S) x.narrow(0, R + U, 1).copy_(utt.narrow(0, 0, std::min(segment_length, U)).mean(0, true));
+  const auto X = x.view({Tq * B, D});
+  const auto f0 = ffn_residual(X, 0, eps[0]);
+  const auto n = ln(f0, 6, eps[1]);
+  const auto att = attend(n, mems_in, memory, lc_key, lc_val, past_length, lengths, W, 8,
+                          num_heads, segment_length, R, U, B, tanh_on_mem, negative_inf);
+  const auto r = att.o.narrow(0, 0, (R + U) * B) + f0.narrow(0, 0, (R + U) * B);
 
   // convolution module on [rc ; utt]
   const auto z = at::glu(linear(ln(r, 14, eps[2]), W[16], W[17]), -1).view({R + U, B, D});
@@ -346,22 +391,60 @@ std::vector<at::Tensor> conv_emformer_step_cpu(
   const auto c = linear(activate_serial(ln(Y, 20, eps[3]), conv_activation), W[22], W[23],
                       linear::kActNone, r);
   const auto out = ln(ffn_residual(c, 24, eps[4]), 30, eps[5]).view({R + U, B, D});
-
-  // state
-  auto new_memory = at::cat({memory, mems_in});
-  if (m_cap > 0) new_memory = new_memory.narrow(0, new_memory.size(0) - m_cap, m_cap);
-  auto lc_k = at::cat({lc_key, keys.narrow(0, front, lc_rows + U)});
-  auto lc_v = at::cat({lc_val, values.narrow(0, front, lc_rows + U)});
-  lc_k = lc_k.narrow(0, lc_k.size(0) - lc_cap, lc_cap);
-  lc_v = lc_v.narrow(0, lc_v.size(0) - lc_cap, lc_cap);
+  // conv cache <- last k - 1 frames of [cache ; z_utt]
   const auto new_cache = padded.narrow(0, U, k - 1).permute({1, 2, 0}).contiguous();
-  return {out.narrow(0, R, U),  out.narrow(0, 0, R), next_mems,       new_memory,
-          lc_k,                 lc_v,                past_length + U, new_cache};
+  return {out.narrow(0, R, U), out.narrow(0, 0, R), att.next_mems, att.memory,
+          att.lc_key,          att.lc_val,          att.past_length, new_cache};
+}
+
+// One streaming step of a (plain) Emformer layer, fused:
+//   n      = LN_in([rc ; utt]) ;  summary = mean(n_utt) (Emformer summarises the normed rows)
+//   o      = attention of [n ; summary] as above (the same `attend`)
+//   r      = o[rc ; utt] + [rc ; utt] ;  y = LN_out(r + FFN(r)),  FFN(z) = W2 act(W1 LN(z) + b1) + b2
+// weights: 0-1 layer_norm_input; 2-7 attention emb_to_query, emb_to_key_value, out_proj (w, b);
+//          8-9 pos_ff[0] LN; 10-11 pos_ff[1] Linear; 12-13 pos_ff[4] Linear; 14-15
+//          layer_norm_output. eps: layer_norm_input, pos_ff[0], layer_norm_output.
+std::vector<at::Tensor> emformer_step_cpu(
+    const at::Tensor& utt, const at::Tensor& rc, const at::Tensor& mems_in,
+    const at::Tensor& memory, const at::Tensor& lc_key, const at::Tensor& lc_val,
+    const at::Tensor& past_length, const at::Tensor& lengths,
+    const std::vector<at::Tensor>& weights, const std::vector<double>& eps, int64_t num_heads,
+    int64_t segment_length, int64_t ffn_activation, bool tanh_on_mem, double negative_inf) {
+  const auto dims = check_step("emformer_step_cpu", utt, rc,
+                               {&utt, &rc, &mems_in, &memory, &lc_key, &lc_val}, weights, 16, eps,
+                               3, {ffn_activation}, num_heads);
+  const int64_t U = dims[0], R = dims[1], B = dims[2], D = dims[3];
+  const int64_t S = mems_in.size(0) > 0 ? 1 : 0, Tq = R + U + S;
+  const auto& W = weights;
+  auto ln = [&](const at::Tensor& x, int64_t i, double e) {
+    return layer_norm_rows(x, W[i].contiguous(), W[i + 1].contiguous(), e);
+  };
+  auto x = at::empty({R + U, B, D}, utt.options());  // the residual rows [rc ; utt]
+  x.narrow(0, 0, R).copy_(rc);
+  x.narrow(0, R, U).copy_(utt);
+  const auto X = x.view({(R + U) * B, D});
+  auto qin = at::empty({Tq * B, D}, utt.options());
+  qin.narrow(0, 0, (R + U) * B).copy_(ln(X, 0, eps[0]));
+  if (S) {
+    const auto n_utt = qin.narrow(0, R * B, U * B).view({U, B, D});
+    qin.narrow(0, (R + U) * B, B).copy_(
+        n_utt.narrow(0, 0, std::min(segment_length, U)).mean(0).view({B, D}));
+  }
+  const auto att = attend(qin, mems_in, memory, lc_key, lc_val, past_length, lengths, W, 2,
+                          num_heads, segment_length, R, U, B, tanh_on_mem, negative_inf);
+  const auto r = att.o.narrow(0, 0, (R + U) * B) + X;
+  const auto h = linear(ln(r, 8, eps[1]), W[10], W[11], ffn_activation + 1);
+  const auto c = linear(h, W[12], W[13], linear::kActNone, r);
+  const auto out = ln(c, 14, eps[2]).view({R + U, B, D});
+  return {out.narrow(0, R, U), out.narrow(0, 0, R), att.next_mems, att.memory,
+          att.lc_key,          att.lc_val,          att.past_length};
 }
 
 void bind(pybind11::module_& m) {
   m.def("conv_emformer_step_cpu", &conv_emformer_step_cpu,
         "One ConvEmformer layer's streaming step on the CPU, fused (inference only)");
+  m.def("emformer_step_cpu", &emformer_step_cpu,
+        "One Emformer layer's streaming step on the CPU, fused (inference only)");
 }
 
 }  // namespace emformer

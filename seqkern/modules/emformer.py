@@ -523,6 +523,73 @@ class _StreamingLayerState(_SegmentMeans):
             state[3] + num_frames,
         ]
 
+    # -- the fused C++ step (csrc/emformer/conv_emformer_step_cpu.cpp) -----------------------
+    # Each layer type names its op (`_fused_op`) and gives `_fused_activations` (the codes the
+    # op takes, None where an activation is not one it has) and `_fused_weights`.
+
+    @torch.jit.unused
+    def _fused_plan(
+        self, x: Tensor, state: State | None
+    ) -> tuple[list[Tensor], list[float], list[int]] | None:
+        """The fused C++ step's arguments (weights, eps, activation codes) where it applies:
+        float32/float64 CPU inference (no autograd, no active dropout, no tracing) with
+        ReLU/GELU/SiLU activations. None where the ops must run."""
+        if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+            return None
+        order = backends.allowed_backends()
+        if order is not None and "cpu" not in order:
+            return None
+        if backends.unavailable_reason("cpu") or not hasattr(_ext.C, self._fused_op):
+            return None
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return None
+        if torch.is_autocast_enabled("cpu"):  # the step has no mixed precision: the ops do
+            return None
+        if self.training and self.dropout.p > 0:
+            return None
+        codes = self._fused_activations()
+        if codes is None:
+            return None
+        weights, eps = self._fused_weights()  # every parameter of the layer
+        if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
+            return None
+        if any(w.dtype != x.dtype or w.device.type != "cpu" for w in weights):
+            return None
+        if state is not None and any(t.device.type != "cpu" for t in state):
+            return None
+        return weights, eps, codes
+
+    @torch.jit.unused
+    def _fused_infer(
+        self,
+        utterance: Tensor,
+        lengths: Tensor,
+        right_context: Tensor,
+        state: State | None,
+        mems: Tensor,
+        plan: tuple[list[Tensor], list[float], list[int]],
+    ) -> tuple[Tensor, Tensor, State, Tensor]:
+        """`infer` as one C++ call; `plan` is what `_fused_plan` returned."""
+        weights, eps, codes = plan
+        if state is None:
+            state = self.init_state(utterance.size(1), device=utterance.device)
+        state = self._in_dtype(state, utterance.dtype)
+        utt, rc, next_m, *new_state = getattr(_ext.C, self._fused_op)(
+            utterance,
+            right_context,
+            mems,
+            *state,
+            lengths,
+            weights,
+            eps,
+            self.attention.num_heads,
+            self.segment_length,
+            *codes,
+            self.attention.tanh_on_mem,
+            float(self.attention.negative_inf),
+        )
+        return utt, rc, new_state, next_m
+
 
 class EmformerLayer(_StreamingLayerState, nn.Module):
     """One Emformer layer (upstream `_EmformerLayer`): pre-LN attention with memory, then a
@@ -608,6 +675,25 @@ class EmformerLayer(_StreamingLayerState, nn.Module):
         out_utt, out_rc = self._post_attention(attn_out, utterance, right_context)
         return out_utt, out_rc, new_mems
 
+    _fused_op = "emformer_step_cpu"
+
+    def _fused_activations(self) -> list[int] | None:
+        code = _activation_code(self.pos_ff[2])
+        return None if code is None else [code]
+
+    def _fused_weights(self) -> tuple[list[Tensor], list[float]]:
+        """The parameters in the order csrc/emformer/conv_emformer_step_cpu.cpp's
+        emformer_step_cpu takes them."""
+        attn, ff = self.attention, self.pos_ff
+        mods = [
+            self.layer_norm_input, attn.emb_to_query, attn.emb_to_key_value, attn.out_proj,
+            ff[0], ff[1], ff[4], self.layer_norm_output,
+        ]  # fmt: skip
+        weights = [t for m in mods for t in (m.weight, m.bias)]
+        return weights, [
+            float(n.eps) for n in (self.layer_norm_input, ff[0], self.layer_norm_output)
+        ]
+
     def infer(
         self,
         utterance: Tensor,
@@ -616,7 +702,13 @@ class EmformerLayer(_StreamingLayerState, nn.Module):
         state: State | None,
         mems: Tensor,
     ) -> tuple[Tensor, Tensor, State, Tensor]:
-        """One segment: returns (utterance, rc, new layer state, memory for the next layer)."""
+        """One segment: returns (utterance, rc, new layer state, memory for the next layer).
+
+        In eager, float32/float64 CPU inference runs as one fused C++ call (`_fused_plan`)."""
+        if not torch.jit.is_scripting():
+            plan = self._fused_plan(utterance, state)
+            if plan is not None:
+                return self._fused_infer(utterance, lengths, right_context, state, mems, plan)
         ln_utt, ln_rc = self._pre_norm(utterance, right_context)
         if state is None:
             state = self.init_state(ln_utt.size(1), device=ln_utt.device)
@@ -884,38 +976,14 @@ class ConvEmformerLayer(_StreamingLayerState, nn.Module):
         )
         return out_utt, out_rc, new_mems
 
-    @torch.jit.unused
-    def _fused_plan(
-        self, x: Tensor, state: State | None
-    ) -> tuple[list[Tensor], list[float], int, int] | None:
-        """The fused C++ step's arguments (weights, eps, ffn and conv activation codes) where it
-        applies: float32/float64 CPU inference (no autograd, no active dropout, no tracing)
-        with ReLU/GELU/SiLU activations. None where the ops must run."""
-        if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
-            return None
-        order = backends.allowed_backends()
-        if order is not None and "cpu" not in order:
-            return None
-        if backends.unavailable_reason("cpu") or not hasattr(_ext.C, "conv_emformer_step_cpu"):
-            return None
-        if torch.jit.is_tracing() or torch.compiler.is_compiling():
-            return None
-        if torch.is_autocast_enabled("cpu"):  # the step has no mixed precision: the ops do
-            return None
-        if self.training and self.dropout.p > 0:
-            return None
+    _fused_op = "conv_emformer_step_cpu"
+
+    def _fused_activations(self) -> list[int] | None:
         ffn_act = _activation_code(self.ffn0.module[2])
         conv_act = _activation_code(self.conv.post_conv[1])
         if ffn_act is None or conv_act is None or _activation_code(self.ffn1.module[2]) != ffn_act:
             return None
-        weights, eps = self._fused_weights()  # every parameter of the layer
-        if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
-            return None
-        if any(w.dtype != x.dtype or w.device.type != "cpu" for w in weights):
-            return None
-        if state is not None and any(t.device.type != "cpu" for t in state):
-            return None
-        return weights, eps, ffn_act, conv_act
+        return [ffn_act, conv_act]
 
     def _fused_weights(self) -> tuple[list[Tensor], list[float]]:
         """The parameters in the order csrc/emformer/conv_emformer_step_cpu.cpp takes them."""
@@ -929,39 +997,6 @@ class ConvEmformerLayer(_StreamingLayerState, nn.Module):
         norms = (f0[0], self.layer_norm_input, conv.pre_conv[0], conv.post_conv[0], f1[0])
         eps = [float(n.eps) for n in (*norms, self.layer_norm_output)]
         return weights, eps
-
-    @torch.jit.unused
-    def _fused_infer(
-        self,
-        utterance: Tensor,
-        lengths: Tensor,
-        right_context: Tensor,
-        state: State | None,
-        mems: Tensor,
-        plan: tuple[list[Tensor], list[float], int, int],
-    ) -> tuple[Tensor, Tensor, State, Tensor]:
-        """`infer` as one C++ call (csrc/emformer/conv_emformer_step_cpu.cpp); `plan` is what
-        `_fused_plan` returned."""
-        weights, eps, ffn_act, conv_act = plan
-        if state is None:
-            state = self.init_state(utterance.size(1), device=utterance.device)
-        state = self._in_dtype(state, utterance.dtype)
-        utt, rc, next_m, *new_state = _ext.C.conv_emformer_step_cpu(
-            utterance,
-            right_context,
-            mems,
-            *state,
-            lengths,
-            weights,
-            eps,
-            self.attention.num_heads,
-            self.segment_length,
-            ffn_act,
-            conv_act,
-            self.attention.tanh_on_mem,
-            float(self.attention.negative_inf),
-        )
-        return utt, rc, new_state, next_m
 
     def infer(
         self,

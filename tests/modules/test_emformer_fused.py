@@ -1,4 +1,5 @@
-"""ConvEmformer.infer on the fused C++ layer step against the op-by-op path, state by state.
+"""Emformer.infer and ConvEmformer.infer on the fused C++ layer steps against the op-by-op
+path, state by state.
 
 The op-by-op path (use_backend("reference") turns the fused step off) is proven against
 torchaudio in tests/reference; here the fused step must give the same outputs and the same
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from seqkern import _ext, use_backend
-from seqkern.modules.emformer import ConvEmformer, ConvEmformerLayer
+from seqkern.modules.emformer import ConvEmformer, ConvEmformerLayer, Emformer, EmformerLayer
 
 CONFIGS = [
     # (B, R, M, LC, ffn activation, conv activation, tanh_on_mem, dtype, input_dim)
@@ -39,33 +40,39 @@ def gemm(request):
 C = _ext.C
 
 
-def _model(R, M, LC, ffn_act, conv_act, tanh, dtype, D=32):
+KINDS = ["conv", "plain"]
+
+
+def _model(R, M, LC, ffn_act, conv_act, tanh, dtype, D=32, kind="conv"):
+    """A 2-layer ConvEmformer, or (kind "plain") an Emformer (which has no conv activation)."""
     torch.manual_seed(0)
-    model = ConvEmformer(
-        D,
-        4,
-        2 * D,
-        2,
+    common = dict(
         segment_length=4,
-        kernel_size=3,
         left_context_length=LC,
         right_context_length=R,
         max_memory_size=M,
-        ffn_activation=ffn_act,
-        conv_activation=conv_act,
         tanh_on_mem=tanh,
-    ).to(dtype)
+    )
+    if kind == "conv":
+        model = ConvEmformer(
+            D, 4, 2 * D, 2, kernel_size=3, ffn_activation=ffn_act, conv_activation=conv_act,
+            **common,
+        )  # fmt: skip
+    else:
+        model = Emformer(D, 4, 2 * D, 2, activation=ffn_act, **common)
+    model = model.to(dtype)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     return model.eval()
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("B,R,M,LC,ffn_act,conv_act,tanh,dtype,D", CONFIGS)
 def test_fused_step_matches_the_ops_state_by_state(
-    gemm, B, R, M, LC, ffn_act, conv_act, tanh, dtype, D
+    gemm, kind, B, R, M, LC, ffn_act, conv_act, tanh, dtype, D
 ):
-    model = _model(R, M, LC, ffn_act, conv_act, tanh, dtype, D)
+    model = _model(R, M, LC, ffn_act, conv_act, tanh, dtype, D, kind)
     gen = torch.Generator().manual_seed(1)
     fused = ops = None
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
@@ -81,22 +88,24 @@ def test_fused_step_matches_the_ops_state_by_state(
         torch.testing.assert_close(y_fused, y_ops, **tol)
         assert torch.equal(len_fused, len_ops)
         for layer_fused, layer_ops in zip(fused, ops, strict=True):
-            assert len(layer_fused) == len(layer_ops) == 5
+            assert len(layer_fused) == len(layer_ops) == (5 if kind == "conv" else 4)
             for a, b in zip(layer_fused, layer_ops, strict=True):
                 assert a.shape == b.shape and a.dtype == b.dtype, (step, a.shape, b.shape)
                 torch.testing.assert_close(a, b, **tol)
 
 
-def test_fused_step_is_taken_only_where_it_applies(monkeypatch):
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_step_is_taken_only_where_it_applies(monkeypatch, kind):
     calls = []
-    original = ConvEmformerLayer._fused_infer
+    layer_cls = ConvEmformerLayer if kind == "conv" else EmformerLayer
+    original = layer_cls._fused_infer
 
     def spy(self, *args):
         calls.append(self)
         return original(self, *args)
 
-    monkeypatch.setattr(ConvEmformerLayer, "_fused_infer", spy)
-    model = _model(2, 3, 8, "relu", "silu", False, torch.float32)
+    monkeypatch.setattr(layer_cls, "_fused_infer", spy)
+    model = _model(2, 3, 8, "relu", "silu", False, torch.float32, kind=kind)
     x, lengths = torch.randn(1, 6, 32), torch.tensor([6])
     with torch.no_grad():
         model.infer(x, lengths)
@@ -107,6 +116,8 @@ def test_fused_step_is_taken_only_where_it_applies(monkeypatch):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         model.infer(x, lengths)  # autocast: the ops, in its dtypes
     with torch.no_grad():
-        model.emformer_layers[0].ffn0.module[2] = torch.nn.GELU(approximate="tanh")
+        layer = model.emformer_layers[0]
+        slot = layer.ffn0.module if kind == "conv" else layer.pos_ff
+        slot[2] = torch.nn.GELU(approximate="tanh")
         model.infer(x, lengths)  # layer 0: an activation the step does not have
     assert len(calls) == 3
