@@ -24,7 +24,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def upstream_dir() -> Path:
-    return Path(os.environ.get("SEQKERN_UPSTREAM_DIR", ROOT / ".upstream"))
+    """$SEQKERN_UPSTREAM_DIR, else `.upstream/` of the checkout seqkern runs from (an editable
+    install), else `.upstream/` of the working directory (an installed seqkern, run from a
+    clone)."""
+    if "SEQKERN_UPSTREAM_DIR" in os.environ:
+        return Path(os.environ["SEQKERN_UPSTREAM_DIR"])
+    if (ROOT / "pyproject.toml").exists():
+        return ROOT / ".upstream"
+    return Path.cwd() / ".upstream"
 
 
 def torchaudio_dir() -> Path:

@@ -38,6 +38,7 @@ saying which.
 from __future__ import annotations
 
 import copy
+import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -131,6 +132,14 @@ def max_diff(got, want) -> float:
 # The peers
 
 
+def _first_line(err: Exception, limit: int = 200) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()  # (torch.export colours its errors)
+    line = f"{type(err).__name__}: {(text.splitlines() or [''])[0][:limit]}"
+    if err.__cause__ is not None:  # torch.export's wrapper names the step; the cause says why
+        line += f" <- {_first_line(err.__cause__, limit)}"
+    return line
+
+
 def _timed(run: Run, name: str, build: Callable[[], Callable[[], object]]) -> None:
     """Set up peer `name` (its first call included: compiles happen there), recording the
     seconds; an exception becomes the reason it is skipped."""
@@ -139,16 +148,24 @@ def _timed(run: Run, name: str, build: Callable[[], Callable[[], object]]) -> No
         call = build()
         call()
     except Exception as err:  # noqa: BLE001 - report the peer as missing, keep the rest
-        run.skipped[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        run.skipped[name] = _first_line(err)
         return
     run.calls[name] = call
     run.setup_s[name] = time.perf_counter() - start
 
 
-def _ort_sessions(run: Run, module: nn.Module, args: tuple, unpack: Callable, allowed) -> None:
+def _ort_sessions(
+    run: Run,
+    module: nn.Module,
+    args: tuple,
+    unpack: Callable,
+    allowed,
+    feed: Callable[[], tuple] | None = None,
+) -> None:
     """ONNX Runtime peers: `module(*args)` exported once (dynamo exporter), one session with
-    ORT's spinning worker threads and one without. `unpack(outputs)` gives them upstream's
-    output structure."""
+    ORT's spinning worker threads and one without. Each call feeds `feed()` (default: `args`;
+    e.g. the step's batched states, built in Python as upstream's beam search does) and gives
+    the outputs to `unpack`, which returns them in upstream's output structure."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -159,14 +176,20 @@ def _ort_sessions(run: Run, module: nn.Module, args: tuple, unpack: Callable, al
         return
     start = time.perf_counter()
     path = Path(tempfile.mkdtemp(prefix="seqkern-bench-")) / "model.onnx"
-    try:
-        torch.onnx.export(module, args, str(path), dynamo=True, optimize=True, verbose=False)
-    except Exception as err:  # noqa: BLE001
-        reason = f"torch.onnx.export failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}"
+    failures = []
+    for dynamo in (True, False):  # the dynamo exporter, else the TorchScript one
+        try:
+            kw = dict(dynamo=True, optimize=True) if dynamo else dict(dynamo=False)
+            torch.onnx.export(module, args, str(path), verbose=False, **kw)
+            break
+        except Exception as err:  # noqa: BLE001
+            failures.append(f"{'dynamo' if dynamo else 'torchscript'}: {_first_line(err)}")
+    else:
+        reason = "torch.onnx.export failed (" + "; ".join(failures) + ")"
         run.skipped.update({"ort": reason, "ort-nospin": reason})
         return
     export_s = time.perf_counter() - start
-    feed_values = [a.numpy() for a in args]
+    fixed = [a.numpy() for a in args]
     for name, spin in (("ort", "1"), ("ort-nospin", "0")):
 
         def build(spin=spin):
@@ -175,12 +198,40 @@ def _ort_sessions(run: Run, module: nn.Module, args: tuple, unpack: Callable, al
             opts.inter_op_num_threads = 1
             opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
             sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-            feed = {i.name: v for i, v in zip(sess.get_inputs(), feed_values, strict=True)}
-            return lambda: unpack([torch.from_numpy(o) for o in sess.run(None, feed)])
+            names = [i.name for i in sess.get_inputs()]
+
+            def call():
+                values = fixed if feed is None else [a.numpy() for a in feed()]
+                outs = sess.run(None, dict(zip(names, values, strict=True)))
+                return unpack([torch.from_numpy(o) for o in outs])
+
+            return call
 
         _timed(run, name, build)
         if name in run.setup_s:
             run.setup_s[name] += export_s
+
+
+class _FirstOutput(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: Tensor) -> Tensor:
+        return self.model(*args)[0]
+
+
+class _StepArgs(nn.Module):
+    """`decoder.inference(labels, states)` with the per-block state dicts flattened into
+    arguments and results (`nested` / `flat` convert)."""
+
+    def __init__(self, decoder: nn.Module, nested: Callable, flat: Callable):
+        super().__init__()
+        self.decoder, self.nested, self.flat = decoder, nested, flat
+
+    def forward(self, labels: Tensor, *flat: Tensor):
+        out, states = self.decoder.inference(labels, self.nested(list(flat)))
+        return (out, *self.flat(states))
 
 
 class _StateArgs(nn.Module):
@@ -325,8 +376,27 @@ def _mega_beam_setup(beam: int, warm_steps: int = 8):
             return run
         if allowed("compile"):
             _timed(run, "compile", lambda: call(up, torch.compile(up.inference, dynamic=False)))
-        why = "not exported: the step's state is a list of dicts per block (not wired yet)"
-        run.skipped.update({"ort": why, "ort-nospin": why})
+        keys = sorted(hyps[0][0])  # each block's state: ema_state, prev_key, prev_value
+
+        def flat(batch):
+            return [block[k] for block in batch for k in keys]
+
+        def nested(ts):
+            return [dict(zip(keys, ts[i : i + len(keys)])) for i in range(0, len(ts), len(keys))]
+
+        def unpack(outs):
+            batch = nested(outs[1:])
+            return outs[0], [up.select_state(batch, i) for i in range(beam)]
+
+        batch = up.create_batch_states(hyps)
+        _ort_sessions(
+            run,
+            _StepArgs(up, nested, flat),
+            (last, *flat(batch)),
+            unpack,
+            allowed,
+            feed=lambda: (last, *flat(up.create_batch_states(hyps))),
+        )
         return run
 
     return setup
@@ -413,8 +483,7 @@ def _beats_setup(seconds: float = 10.0, batch: int = 1):
         run = Run(found[1], {"seqkern": call(sk), "upstream": call(up)})
         if allowed("compile"):
             _timed(run, "compile", lambda: call(torch.compile(up, dynamic=False)))
-        why = "not exported yet"
-        run.skipped.update({"ort": why, "ort-nospin": why})
+        _ort_sessions(run, _FirstOutput(up), (wav, ilens), lambda outs: outs[0], allowed)
         return run
 
     return setup
@@ -572,7 +641,7 @@ def run(
                 if not max_err[p] <= TOLERANCE:
                     errors[p] = f"differs from upstream by {max_err[p]:.2e} (> {TOLERANCE:.0e})"
             except Exception as err:  # noqa: BLE001
-                errors[p] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+                errors[p] = _first_line(err)
         order = [p for p in ("seqkern", *PEERS) if p in r.calls and p not in errors]
         timed = time_rounds(
             [r.calls[p] for p in order],

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+# ahead-of-time GPU compiles: CI runs them; a developer may skip them with -m "not aot"
+pytestmark = pytest.mark.aot
 CU_FILES = sorted((ROOT / "csrc").rglob("*.cu"))
 ARCHS = ["sm_80", "sm_90a"]
 

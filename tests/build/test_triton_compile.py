@@ -18,6 +18,8 @@ import pytest
 pytest.importorskip("triton")
 
 SCRIPT = Path(__file__).with_name("triton_aot.py")
+# ahead-of-time GPU compiles: CI runs them; a developer may skip them with -m "not aot"
+pytestmark = pytest.mark.aot
 
 
 @pytest.mark.parametrize("arch", [80, 90])
