@@ -631,8 +631,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--budget",
         type=float,
-        default=180.0,
-        help="seconds for the workload run: peers (torch.compile, ONNX Runtime) whose setup no "
+        default=165.0,
+        help="seconds for the workload run (165: with start-up, 3 minutes): peers whose setup no "
         "longer fits are left out and named (0: no limit)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch (and ORT) threads")

@@ -161,7 +161,7 @@ def test_default_cpu_run_is_the_workloads(monkeypatch, tmp_path):
     monkeypatch.setattr(W, "run", fake_run)
     monkeypatch.setattr(bench, "_versions", lambda: {})
     assert bench.main(["--out", str(tmp_path), "--no-progress", "--device", "cpu"]) == 0
-    assert seen == {"names": list(W.BY_NAME), "budget": 180.0}
+    assert seen == {"names": list(W.BY_NAME), "budget": 165.0}
     (written,) = tmp_path.rglob("cpu-*.json")
     data = json.loads(written.read_text())
     assert data["kind"] == "workloads" and data["threads"] == torch.get_num_threads()
