@@ -27,27 +27,27 @@ from seqkern.bench import _commit, _versions, device_name, slug, time_ms
 
 
 def build(tiny: bool):
-    from espnet2.asr.encoder.beats_encoder import BeatsEncoder
+    from seqkern.bench.upstream import espnet_class
 
-    cfg = dict(
-        encoder_layers=2 if tiny else 12,
-        encoder_embed_dim=64 if tiny else 768,
-        encoder_ffn_embed_dim=128 if tiny else 3072,
-        encoder_attention_heads=4 if tiny else 12,
-        embed_dim=16 if tiny else 512,
-        conv_pos=16 if tiny else 128,
-        conv_pos_groups=4 if tiny else 16,
-        relative_position_embedding=True,
-        num_buckets=320,
-        max_distance=800 if tiny else 1280,
-        gru_rel_pos=True,
-        deep_norm=True,
-        dropout=0.0,
-        attention_dropout=0.0,
-        activation_dropout=0.0,
-        dropout_input=0.0,
-        encoder_layerdrop=0.0,
-    )
+    found = espnet_class("espnet2.asr.encoder.beats_encoder", "BeatsEncoder")  # (+ torchaudio)
+    if found is None:
+        raise SystemExit("ESPnet's BeatsEncoder cannot be imported: run tests/upstream/fetch.py")
+    BeatsEncoder = found[0]  # noqa: N806 - upstream's class
+
+    from seqkern.bench.workloads import BEATS_BASE
+
+    cfg = dict(BEATS_BASE)
+    if tiny:  # a 2-layer, 64-wide smoke test of the same structure
+        cfg.update(
+            encoder_layers=2,
+            encoder_embed_dim=64,
+            encoder_ffn_embed_dim=128,
+            encoder_attention_heads=4,
+            embed_dim=16,
+            conv_pos=16,
+            conv_pos_groups=4,
+            max_distance=800,
+        )
     torch.manual_seed(0)
     return BeatsEncoder(input_size=1, beats_config=cfg).eval()
 

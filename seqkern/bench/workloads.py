@@ -73,6 +73,26 @@ EMFORMER_STREAM = dict(
     max_memory_size=4,
     dropout=0.0,
 )
+# ESPnet's BeatsEncoder at the BEATs iter3 shape (relative position bias with the GRU gate)
+BEATS_BASE = dict(
+    encoder_layers=12,
+    encoder_embed_dim=768,
+    encoder_ffn_embed_dim=3072,
+    encoder_attention_heads=12,
+    embed_dim=512,
+    conv_pos=128,
+    conv_pos_groups=16,
+    relative_position_embedding=True,
+    num_buckets=320,
+    max_distance=1280,
+    gru_rel_pos=True,
+    deep_norm=True,
+    dropout=0.0,
+    attention_dropout=0.0,
+    activation_dropout=0.0,
+    dropout_input=0.0,
+    encoder_layerdrop=0.0,
+)
 WARM_SEGMENTS = 5  # enough to fill the left context (2 segments) and the memory (4)
 
 
@@ -221,6 +241,17 @@ class _FirstOutput(nn.Module):
         return self.model(*args)[0]
 
 
+def _transcription_only(run: Run, up_backend: str | None, upstream: str) -> bool:
+    """Where the upstream row is seqkern's transcription (`up_backend` set), the peers have
+    nothing real to compile or export: mark them so and say True."""
+    run.backend["upstream"] = up_backend
+    if up_backend is None:
+        return False
+    why = f"needs the real {upstream} module (run tests/upstream/fetch.py)"
+    run.skipped.update({p: why for p in ("compile", "ort", "ort-nospin")})
+    return True
+
+
 class _StepArgs(nn.Module):
     """`decoder.inference(labels, states)` with the per-block state dicts flattened into
     arguments and results (`nested` / `flat` convert)."""
@@ -295,10 +326,7 @@ def _emformer_setup(kind: str, size: str, batch: int):
             return step
 
         run = Run(label, {"seqkern": call(sk), "upstream": call(up)})
-        run.backend["upstream"] = up_backend
-        if found is None:
-            why = "needs the real torchaudio module (run tests/upstream/fetch.py)"
-            run.skipped.update({p: why for p in ("compile", "ort", "ort-nospin")})
+        if _transcription_only(run, up_backend, "torchaudio"):
             return run
         if allowed("compile"):
 
@@ -369,10 +397,7 @@ def _mega_beam_setup(beam: int, warm_steps: int = 8):
             return step
 
         run = Run(label, {"seqkern": call(sk), "upstream": call(up)})
-        run.backend["upstream"] = up_backend
-        if up_backend is not None:
-            why = "needs the real ESPnet module (run tests/upstream/fetch.py)"
-            run.skipped.update({p: why for p in ("compile", "ort", "ort-nospin")})
+        if _transcription_only(run, up_backend, "ESPnet"):
             return run
         if allowed("compile"):
             _timed(run, "compile", lambda: call(up, torch.compile(up.inference, dynamic=False)))
@@ -418,10 +443,7 @@ def _mega_forward_setup(batch: int = 4, length: int = 512):
             return forward
 
         run = Run(label, {"seqkern": call(sk), "upstream": call(up)})
-        run.backend["upstream"] = up_backend
-        if up_backend is not None:
-            why = "needs the real ESPnet module (run tests/upstream/fetch.py)"
-            run.skipped.update({p: why for p in ("compile", "ort", "ort-nospin")})
+        if _transcription_only(run, up_backend, "ESPnet"):
             return run
         if allowed("compile"):
             _timed(run, "compile", lambda: call(torch.compile(up, dynamic=False)))
@@ -443,25 +465,7 @@ def _beats_setup(seconds: float = 10.0, batch: int = 1):
                 "ESPnet's BeatsEncoder cannot be imported (it needs torchaudio importable), "
                 "and seqkern has no transcription of the whole encoder"
             )
-        cfg = dict(
-            encoder_layers=12,
-            encoder_embed_dim=768,
-            encoder_ffn_embed_dim=3072,
-            encoder_attention_heads=12,
-            embed_dim=512,
-            conv_pos=128,
-            conv_pos_groups=16,
-            relative_position_embedding=True,
-            num_buckets=320,
-            max_distance=1280,
-            gru_rel_pos=True,
-            deep_norm=True,
-            dropout=0.0,
-            attention_dropout=0.0,
-            activation_dropout=0.0,
-            dropout_input=0.0,
-            encoder_layerdrop=0.0,
-        )
+        cfg = BEATS_BASE
 
         def make():  # twice: weight_norm's computed weight keeps deepcopy off this model
             with torch.random.fork_rng(devices=[]):
