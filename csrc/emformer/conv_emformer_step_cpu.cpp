@@ -33,10 +33,13 @@
 // lc <- last LC of [lc ; k_utt[:a] ; lc_valid ; k_utt[a:]],
 // conv cache <- last k - 1 frames of [cache ; z_utt], past_length += U.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "linear/skinny_gemm.h"
@@ -49,15 +52,13 @@ namespace {
 
 enum Activation : int64_t { kRelu = 0, kGelu = 1, kSilu = 2 };
 
-template <typename scalar_t>
-inline scalar_t apply(scalar_t v, int64_t kind) {
-  switch (kind) {
-    case kRelu:
-      return v > scalar_t(0) ? v : scalar_t(0);
-    case kGelu:  // exact (erf), as nn.GELU()
-      return scalar_t(0.5) * v * (scalar_t(1) + std::erf(v * scalar_t(M_SQRT1_2)));
-    default:  // kSilu
-      return v / (scalar_t(1) + std::exp(-v));
+// y <- act(y) in place (act a linear::SkinnyAct): ATen's vectorised kernels, the op path's own
+void activate_(at::Tensor& y, int act) {
+  switch (act) {
+    case linear::kActRelu: y.relu_(); break;
+    case linear::kActGelu: at::gelu_(y); break;  // exact (erf), as nn.GELU()
+    case linear::kActSilu: at::silu_(y); break;
+    default: break;
   }
 }
 
@@ -92,12 +93,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
     return y;
   }
   auto y = at::addmm(b, x, w.t());
-  if (act != linear::kActNone) {
-    AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "conv_emformer_linear_act", [&] {
-      scalar_t* yp = y.data_ptr<scalar_t>();
-      for (int64_t i = 0, e = y.numel(); i < e; ++i) yp[i] = apply<scalar_t>(yp[i], act - 1);
-    });
-  }
+  activate_(y, act);
   if (alpha != 1.0) y.mul_(alpha);
   return residual.defined() ? y.add_(residual) : y;
 }
@@ -148,17 +144,6 @@ at::Tensor layer_norm_rows(const at::Tensor& x_in, const at::Tensor& w, const at
   return y;
 }
 
-at::Tensor activate_serial(const at::Tensor& x, int64_t kind) {
-  TORCH_CHECK(kind == kRelu || kind == kGelu || kind == kSilu,
-              "conv_emformer_step_cpu: unknown activation code ", kind);
-  auto y = x.clone(at::MemoryFormat::Contiguous);
-  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "conv_emformer_activate", [&] {
-    scalar_t* yp = y.data_ptr<scalar_t>();
-    for (int64_t i = 0, n = y.numel(); i < n; ++i) yp[i] = apply<scalar_t>(yp[i], kind);
-  });
-  return y;
-}
-
 // out (T_out, B, D) = bias + sum_j wt[j, :] * in[t + j]  (in (T_out + k - 1, B, D), wt (k, D):
 // the depthwise weight transposed, so the channel loop reads it contiguously)
 template <typename T>
@@ -204,6 +189,104 @@ at::Tensor conv(const at::Tensor& in, const at::Tensor& wt, const at::Tensor& bi
   return out;
 }
 
+// A run of frames of (B, D) rows: frame t, batch row b starts at base + t * frame + b * row
+// (D contiguous values), so a run can be a column block of a GEMM output as well as a state.
+template <typename T>
+struct Frames {
+  const T* base;
+  int64_t frames, frame, row;
+};
+
+// out (cap, B, D) <- the last `cap` frames of the concatenation of `parts` (which hold at
+// least `cap` frames): the state updates, written once, without the concatenation
+template <typename T>
+void keep_last(const std::vector<Frames<T>>& parts, int64_t cap, int64_t B, int64_t D, T* out) {
+  int64_t skip = -cap;
+  for (const auto& p : parts) skip += p.frames;
+  for (const auto& p : parts) {
+    const int64_t from = std::min(skip, p.frames);
+    skip -= from;
+    for (int64_t t = from; t < p.frames; ++t, out += B * D) {
+      for (int64_t b = 0; b < B; ++b) {
+        std::memcpy(out + b * D, p.base + t * p.frame + b * p.row, D * sizeof(T));
+      }
+    }
+  }
+}
+
+// logits[(b H + h), i, j] = float((q_i * scaling) . k_j) over head h's hd columns, or
+// negative_inf where masked: the summary row (last, when `summary`) does not see the first
+// `mem` keys, and key j >= key_len[b] is padding. q is (Tq B, D) time-major; kp[j B + b] points
+// at key j of batch row b. Per head, the keys are gathered once into kt (hd, Tk), so each
+// query's logits are hd multiply-adds of a broadcast query element over a row of kt
+// (vectorised over the keys, no horizontal sums).
+template <typename T>
+void logits_impl(const T* q, const T* const* kp, float* logits, int64_t Tq, int64_t Tk,
+                 int64_t B, int64_t H, int64_t hd, double scaling, bool summary, int64_t mem,
+                 const int64_t* key_len, float negative_inf, int64_t bh0, int64_t bh1) {
+  const int64_t D = H * hd;
+  std::vector<T> kt(hd * Tk), acc(Tk);
+  for (int64_t bh = bh0; bh < bh1; ++bh) {
+    const int64_t b = bh / H, h = bh % H;
+    for (int64_t j = 0; j < Tk; ++j) {
+      const T* k = kp[j * B + b] + h * hd;
+      for (int64_t c = 0; c < hd; ++c) kt[c * Tk + j] = k[c];
+    }
+    const int64_t visible = key_len ? std::clamp<int64_t>(key_len[b], 0, Tk) : Tk;
+    for (int64_t i = 0; i < Tq; ++i) {
+      const T* qi = q + (i * B + b) * D + h * hd;
+      std::fill(acc.begin(), acc.end(), T(0));
+      for (int64_t c = 0; c < hd; ++c) {
+        const T qc = qi[c] * static_cast<T>(scaling);
+        const T* kc = kt.data() + c * Tk;
+        T* ap = acc.data();
+#pragma omp simd
+        for (int64_t j = 0; j < Tk; ++j) ap[j] += qc * kc[j];
+      }
+      float* row = logits + (bh * Tq + i) * Tk;
+      const int64_t hidden = summary && i == Tq - 1 ? std::min(mem, Tk) : 0;
+      for (int64_t j = 0; j < Tk; ++j) {
+        row[j] = j < hidden || j >= visible ? negative_inf : static_cast<float>(acc[j]);
+      }
+    }
+  }
+}
+
+// out (Tq B, D) time-major = probs @ v per head, probs cast to T first (as upstream)
+template <typename T>
+void weighted_sum_impl(const float* probs, const T* const* vp, T* out, int64_t Tq, int64_t Tk,
+                       int64_t B, int64_t H, int64_t hd, int64_t bh0, int64_t bh1) {
+  const int64_t D = H * hd;
+  for (int64_t bh = bh0; bh < bh1; ++bh) {
+    const int64_t b = bh / H, h = bh % H;
+    for (int64_t i = 0; i < Tq; ++i) {
+      const float* p = probs + (bh * Tq + i) * Tk;
+      T* o = out + (i * B + b) * D + h * hd;
+      std::fill(o, o + hd, T(0));
+      for (int64_t j = 0; j < Tk; ++j) {
+        const T pj = static_cast<T>(p[j]);
+        const T* v = vp[j * B + b] + h * hd;
+#pragma omp simd
+        for (int64_t c = 0; c < hd; ++c) o[c] += pj * v[c];
+      }
+    }
+  }
+}
+
+SK_MULTIVERSION
+void logits_f32(const float* q, const float* const* kp, float* logits, int64_t Tq, int64_t Tk,
+                int64_t B, int64_t H, int64_t hd, double scaling, bool summary, int64_t mem,
+                const int64_t* key_len, float negative_inf, int64_t bh0, int64_t bh1) {
+  logits_impl<float>(q, kp, logits, Tq, Tk, B, H, hd, scaling, summary, mem, key_len,
+                     negative_inf, bh0, bh1);
+}
+
+SK_MULTIVERSION
+void weighted_sum_f32(const float* probs, const float* const* vp, float* out, int64_t Tq,
+                      int64_t Tk, int64_t B, int64_t H, int64_t hd, int64_t bh0, int64_t bh1) {
+  weighted_sum_impl<float>(probs, vp, out, Tq, Tk, B, H, hd, bh0, bh1);
+}
+
 // The part both layer types share: attention of the query rows over [memory ; rc ; utt with
 // the left context inserted], and the state update. qin holds the (R + U + S) x B query rows;
 // its first (R + U) x B rows (the normed [rc ; utt]) are also the key/value rows.
@@ -213,74 +296,132 @@ struct Attended {
   at::Tensor memory, lc_key, lc_val, past_length;  // the new state
 };
 
-Attended attend(const at::Tensor& qin, const at::Tensor& mems_in, const at::Tensor& memory,
-                const at::Tensor& lc_key, const at::Tensor& lc_val,
-                const at::Tensor& past_length, const at::Tensor& lengths,
-                const std::vector<at::Tensor>& W, int64_t wq, int64_t num_heads,
-                int64_t segment_length, int64_t R, int64_t U, int64_t B, bool tanh_on_mem,
-                double negative_inf) {
-  const int64_t D = qin.size(1), S = mems_in.size(0) > 0 ? 1 : 0, Tq = R + U + S;
+template <typename T>
+Attended attend_impl(const at::Tensor& qin, const at::Tensor& mems_in_, const at::Tensor& memory_,
+                     const at::Tensor& lc_key_, const at::Tensor& lc_val_,
+                     const at::Tensor& past_length, const at::Tensor& lengths,
+                     const std::vector<at::Tensor>& W, int64_t wq, int64_t num_heads,
+                     int64_t segment_length, int64_t R, int64_t U, int64_t B, bool tanh_on_mem,
+                     double negative_inf) {
+  const int64_t D = qin.size(1), S = mems_in_.size(0) > 0 ? 1 : 0, Tq = R + U + S;
   const auto opts = qin.options();
+  const auto memory = memory_.contiguous(), mems_in = mems_in_.contiguous();
+  const auto lc_key = lc_key_.contiguous(), lc_val = lc_val_.contiguous();
   const int64_t m_cap = memory.size(0), lc_cap = lc_key.size(0);
   // valid (right-aligned) state rows; upstream reads batch element 0's past length
   const int64_t past = past_length.reshape({-1})[0].item<int64_t>();
   const int64_t lc_rows = std::min(lc_cap, past);
   const int64_t mem_rows =
       S ? std::min(m_cap, (past + segment_length - 1) / segment_length) : int64_t{0};
+  const auto len = lengths.to(at::kLong).contiguous();
+  const int64_t* len_p = len.const_data_ptr<int64_t>();
+  const int64_t max_len = *std::max_element(len_p, len_p + B);
 
-  // attention over [mem ; rc ; utt[:a] ; lc ; utt[a:]]: upstream inserts the left context
-  // after M + R' keys, R' = R + U - max(lengths), so a = U - max(lengths) (0 for a full segment;
-  // a segment where every row is partial moves it, and with it the keys the state keeps)
-  const int64_t Tk = mem_rows + R + lc_rows + U;
-  const int64_t a =
-      std::clamp<int64_t>(U - lengths.max().item<int64_t>(), int64_t{0}, U);
+  // keys (values alike): [mem ; rc ; utt[:a] ; lc ; utt[a:]]: upstream inserts the left
+  // context after M + R' keys, R' = R + U - max(lengths), so a = U - max(lengths) (0 for a full
+  // segment; a segment where every row is partial moves it, and with it the keys the state
+  // keeps). The projected rows are read where the GEMM wrote them, the left context where the
+  // state holds it.
+  const int64_t Tk = mem_rows + R + lc_rows + U, front = mem_rows + R;
+  const int64_t a = std::clamp<int64_t>(U - max_len, int64_t{0}, U);
   const auto q = linear(qin, W[wq], W[wq + 1]);
-  auto kv_in = qin.narrow(0, 0, (R + U) * B);
+  auto kv_in = at::empty({(mem_rows + R + U) * B, D}, opts);
+  T* kv_in_p = kv_in.mutable_data_ptr<T>();
   if (mem_rows) {
-    kv_in = at::cat({memory.narrow(0, m_cap - mem_rows, mem_rows).reshape({-1, D}), kv_in});
+    std::memcpy(kv_in_p, memory.const_data_ptr<T>() + (m_cap - mem_rows) * B * D,
+                mem_rows * B * D * sizeof(T));
   }
-  const auto kv = linear(kv_in, W[wq + 2], W[wq + 3]).view({mem_rows + R + U, B, 2 * D});
-  auto keys = at::empty({Tk, B, D}, opts), values = at::empty({Tk, B, D}, opts);
-  const int64_t front = mem_rows + R;
-  auto place = [&](at::Tensor& dst, const at::Tensor& fresh, const at::Tensor& lc) {
-    const int64_t split = front + a;  // fresh: the (M + R + U, B, D) projected rows
-    dst.narrow(0, 0, split).copy_(fresh.narrow(0, 0, split));
-    dst.narrow(0, split, lc_rows).copy_(lc.narrow(0, lc_cap - lc_rows, lc_rows));
-    dst.narrow(0, split + lc_rows, U - a).copy_(fresh.narrow(0, split, U - a));
+  std::memcpy(kv_in_p + mem_rows * B * D, qin.const_data_ptr<T>(), (R + U) * B * D * sizeof(T));
+  const auto kv = linear(kv_in, W[wq + 2], W[wq + 3]);  // (frames, B, 2D) as rows
+  const T* kv_p = kv.const_data_ptr<T>();
+  auto runs = [&](const T* fresh, const T* lc) {  // fresh: kv's key (or value) columns
+    const int64_t f = B * 2 * D, r = 2 * D;
+    return std::vector<Frames<T>>{{fresh, front, f, r},
+                                  {fresh + front * f, a, f, r},
+                                  {lc + (lc_cap - lc_rows) * B * D, lc_rows, B * D, D},
+                                  {fresh + (front + a) * f, U - a, f, r}};
   };
-  place(keys, kv.narrow(2, 0, D), lc_key);
-  place(values, kv.narrow(2, D, D), lc_val);
+  const auto key_runs = runs(kv_p, lc_key.const_data_ptr<T>());
+  const auto val_runs = runs(kv_p + D, lc_val.const_data_ptr<T>());
+  std::vector<const T*> kp, vp;
+  kp.reserve(Tk * B), vp.reserve(Tk * B);
+  for (size_t p = 0; p < key_runs.size(); ++p) {
+    for (int64_t t = 0; t < key_runs[p].frames; ++t) {
+      for (int64_t b = 0; b < B; ++b) {
+        kp.push_back(key_runs[p].base + t * key_runs[p].frame + b * key_runs[p].row);
+        vp.push_back(val_runs[p].base + t * val_runs[p].frame + b * val_runs[p].row);
+      }
+    }
+  }
 
+  // upstream's key padding for B > 1 (none for B = 1): key j >= lengths[b] + Tk - max(lengths)
+  std::vector<int64_t> key_len;
+  if (B > 1) {
+    for (int64_t b = 0; b < B; ++b) key_len.push_back(len_p[b] + Tk - max_len);
+  }
   const int64_t H = num_heads, hd = D / H;
   const double scaling = 1.0 / std::sqrt(static_cast<double>(hd));
-  const auto qh = q.view({Tq, B * H, hd}).transpose(0, 1);
-  const auto kh = keys.view({Tk, B * H, hd}).transpose(0, 1);
-  const auto vh = values.view({Tk, B * H, hd}).transpose(0, 1);
-  auto scores = at::bmm(qh * scaling, kh.transpose(1, 2)).to(at::kFloat);  // (B H, Tq, Tk)
-  if (S && mem_rows) scores.select(1, Tq - 1).narrow(1, 0, mem_rows).fill_(negative_inf);
-  if (B > 1) {  // upstream's key padding (none for B = 1): key j >= key_lengths[b] is masked
-    const auto len = lengths.to(at::kLong);
-    const auto key_lengths = len + (mem_rows + R + U + lc_rows) - len.max();
-    const auto positions = at::arange(Tk, len.options());
-    const auto hidden = positions.unsqueeze(0) >= key_lengths.unsqueeze(1);  // (B, Tk)
-    scores.view({B, H, Tq, Tk}).masked_fill_(hidden.view({B, 1, 1, Tk}), negative_inf);
-  }
-  const auto probs = at::softmax(scores, -1).to(qin.scalar_type());
-  const auto attn = at::bmm(probs, vh).transpose(0, 1).reshape({Tq * B, D});
+  auto logits = at::empty({B * H, Tq, Tk}, opts.dtype(at::kFloat));
+  const T* q_p = q.const_data_ptr<T>();
+  float* logits_p = logits.mutable_data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, Tq * Tk * hd));
+  at::parallel_for(0, B * H, grain, [&](int64_t bh0, int64_t bh1) {
+    const int64_t* kl = key_len.empty() ? nullptr : key_len.data();
+    if constexpr (std::is_same_v<T, float>) {
+      logits_f32(q_p, kp.data(), logits_p, Tq, Tk, B, H, hd, scaling, S > 0, mem_rows, kl,
+                 static_cast<float>(negative_inf), bh0, bh1);
+    } else {
+      logits_impl<T>(q_p, kp.data(), logits_p, Tq, Tk, B, H, hd, scaling, S > 0, mem_rows, kl,
+                     static_cast<float>(negative_inf), bh0, bh1);
+    }
+  });
+  const auto probs = at::softmax(logits, -1);  // fp32, as upstream
+  const float* probs_p = probs.const_data_ptr<float>();
+  auto attn = at::empty({Tq * B, D}, opts);
+  T* attn_p = attn.mutable_data_ptr<T>();
+  at::parallel_for(0, B * H, grain, [&](int64_t bh0, int64_t bh1) {
+    if constexpr (std::is_same_v<T, float>) {
+      weighted_sum_f32(probs_p, vp.data(), attn_p, Tq, Tk, B, H, hd, bh0, bh1);
+    } else {
+      weighted_sum_impl<T>(probs_p, vp.data(), attn_p, Tq, Tk, B, H, hd, bh0, bh1);
+    }
+  });
   Attended out;
   out.o = linear(attn, W[wq + 4], W[wq + 5]);
   auto next_mems = out.o.narrow(0, (R + U) * B, S * B).view({S, B, D});
   out.next_mems = tanh_on_mem ? at::tanh(next_mems) : at::clamp(next_mems, -10, 10);
 
   // state: memory <- last M of [memory ; mems_in], lc <- last LC of [lc ; the new keys]
-  out.memory = at::cat({memory, mems_in});
-  if (m_cap > 0) out.memory = out.memory.narrow(0, out.memory.size(0) - m_cap, m_cap);
-  auto lc_k = at::cat({lc_key, keys.narrow(0, front, lc_rows + U)});
-  auto lc_v = at::cat({lc_val, values.narrow(0, front, lc_rows + U)});
-  out.lc_key = lc_k.narrow(0, lc_k.size(0) - lc_cap, lc_cap);
-  out.lc_val = lc_v.narrow(0, lc_v.size(0) - lc_cap, lc_cap);
+  out.memory = at::empty({m_cap, B, D}, opts);
+  keep_last<T>({{memory.const_data_ptr<T>(), m_cap, B * D, D},
+                {mems_in.const_data_ptr<T>(), mems_in.size(0), B * D, D}},
+               m_cap, B, D, out.memory.mutable_data_ptr<T>());
+  auto new_lc = [&](const at::Tensor& lc, const std::vector<Frames<T>>& r) {
+    auto next = at::empty({lc_cap, B, D}, opts);
+    keep_last<T>({{lc.const_data_ptr<T>(), lc_cap, B * D, D}, r[1], r[2], r[3]}, lc_cap, B, D,
+                 next.mutable_data_ptr<T>());
+    return next;
+  };
+  out.lc_key = new_lc(lc_key, key_runs);
+  out.lc_val = new_lc(lc_val, val_runs);
   out.past_length = past_length + U;
   return out;
+}
+
+Attended attend(const at::Tensor& qin, const at::Tensor& mems_in, const at::Tensor& memory,
+                const at::Tensor& lc_key, const at::Tensor& lc_val,
+                const at::Tensor& past_length, const at::Tensor& lengths,
+                const std::vector<at::Tensor>& W, int64_t wq, int64_t num_heads,
+                int64_t segment_length, int64_t R, int64_t U, int64_t B, bool tanh_on_mem,
+                double negative_inf) {
+  TORCH_CHECK(qin.is_contiguous(), "attend: the query rows must be contiguous");
+  if (qin.scalar_type() == at::kFloat) {
+    return attend_impl<float>(qin, mems_in, memory, lc_key, lc_val, past_length, lengths, W, wq,
+                              num_heads, segment_length, R, U, B, tanh_on_mem, negative_inf);
+  }
+  TORCH_CHECK(qin.scalar_type() == at::kDouble, "emformer step: float32 or float64");
+  return attend_impl<double>(qin, mems_in, memory, lc_key, lc_val, past_length, lengths, W, wq,
+                             num_heads, segment_length, R, U, B, tanh_on_mem, negative_inf);
 }
 
 // The checks both steps make; returns (U, R, B, D).
@@ -388,8 +529,9 @@ std::vector<at::Tensor> conv_emformer_step_cpu(
   }
   y.narrow(0, R, U).copy_(conv(padded, w_conv, b_conv));
   const auto Y = y.view({(R + U) * B, D});
-  const auto c = linear(activate_serial(ln(Y, 20, eps[3]), conv_activation), W[22], W[23],
-                      linear::kActNone, r);
+  auto post = ln(Y, 20, eps[3]);
+  activate_(post, static_cast<int>(conv_activation) + 1);  // kRelu.. -> the SkinnyAct codes
+  const auto c = linear(post, W[22], W[23], linear::kActNone, r);
   const auto out = ln(ffn_residual(c, 24, eps[4]), 30, eps[5]).view({R + U, B, D});
   // conv cache <- last k - 1 frames of [cache ; z_utt]
   const auto new_cache = padded.narrow(0, U, k - 1).permute({1, 2, 0}).contiguous();

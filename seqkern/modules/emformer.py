@@ -524,8 +524,39 @@ class _StreamingLayerState(_SegmentMeans):
         ]
 
     # -- the fused C++ step (csrc/emformer/conv_emformer_step_cpu.cpp) -----------------------
-    # Each layer type names its op (`_fused_op`) and gives `_fused_activations` (the codes the
-    # op takes, None where an activation is not one it has) and `_fused_weights`.
+    # Each layer type names its op (`_fused_op`) and, as dotted submodule paths, the modules
+    # whose weight and bias the op takes in its order (`_fused_modules`), the LayerNorms whose
+    # eps it takes (`_fused_norms`) and the activation modules it takes codes for
+    # (`_fused_acts`: one code per group, every module of a group the same activation).
+
+    _fused_op = ""
+    _fused_modules: tuple[str, ...] = ()
+    _fused_norms: tuple[str, ...] = ()
+    _fused_acts: tuple[tuple[str, ...], ...] = ()
+
+    @torch.jit.unused
+    def _fused_args(self) -> tuple[list[Tensor], list[float], list[int]] | None:
+        """(weights, eps, activation codes) for the fused op, or None where a module is not
+        what it takes (an activation it lacks, a parametrised or missing weight).
+
+        Submodules and Parameters are read from the `_modules` / `_parameters` dicts: the
+        attribute route (nn.Module.__getattr__) costs about a microsecond a name, and this
+        runs for every layer on every segment."""
+        try:
+            mods = [_submodule(self, path) for path in self._fused_modules]
+            weights = [m._parameters[name] for m in mods for name in ("weight", "bias")]
+            codes = []
+            for group in self._fused_acts:
+                found = {_activation_code(_submodule(self, path)) for path in group}
+                if len(found) != 1 or None in found:
+                    return None
+                codes.append(found.pop())
+            eps = [float(_submodule(self, path).eps) for path in self._fused_norms]
+        except (KeyError, AttributeError):
+            return None
+        if any(w is None for w in weights):
+            return None
+        return weights, eps, codes
 
     @torch.jit.unused
     def _fused_plan(
@@ -547,17 +578,17 @@ class _StreamingLayerState(_SegmentMeans):
             return None
         if self.training and self.dropout.p > 0:
             return None
-        codes = self._fused_activations()
-        if codes is None:
+        args = self._fused_args()  # every parameter of the layer
+        if args is None:
             return None
-        weights, eps = self._fused_weights()  # every parameter of the layer
+        weights = args[0]
         if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
             return None
         if any(w.dtype != x.dtype or w.device.type != "cpu" for w in weights):
             return None
         if state is not None and any(t.device.type != "cpu" for t in state):
             return None
-        return weights, eps, codes
+        return args
 
     @torch.jit.unused
     def _fused_infer(
@@ -675,24 +706,14 @@ class EmformerLayer(_StreamingLayerState, nn.Module):
         out_utt, out_rc = self._post_attention(attn_out, utterance, right_context)
         return out_utt, out_rc, new_mems
 
+    # the order of csrc/emformer/conv_emformer_step_cpu.cpp's emformer_step_cpu
     _fused_op = "emformer_step_cpu"
-
-    def _fused_activations(self) -> list[int] | None:
-        code = _activation_code(self.pos_ff[2])
-        return None if code is None else [code]
-
-    def _fused_weights(self) -> tuple[list[Tensor], list[float]]:
-        """The parameters in the order csrc/emformer/conv_emformer_step_cpu.cpp's
-        emformer_step_cpu takes them."""
-        attn, ff = self.attention, self.pos_ff
-        mods = [
-            self.layer_norm_input, attn.emb_to_query, attn.emb_to_key_value, attn.out_proj,
-            ff[0], ff[1], ff[4], self.layer_norm_output,
-        ]  # fmt: skip
-        weights = [t for m in mods for t in (m.weight, m.bias)]
-        return weights, [
-            float(n.eps) for n in (self.layer_norm_input, ff[0], self.layer_norm_output)
-        ]
+    _fused_modules = (
+        "layer_norm_input", "attention.emb_to_query", "attention.emb_to_key_value",
+        "attention.out_proj", "pos_ff.0", "pos_ff.1", "pos_ff.4", "layer_norm_output",
+    )  # fmt: skip
+    _fused_norms = ("layer_norm_input", "pos_ff.0", "layer_norm_output")
+    _fused_acts = (("pos_ff.2",),)
 
     def infer(
         self,
@@ -976,27 +997,20 @@ class ConvEmformerLayer(_StreamingLayerState, nn.Module):
         )
         return out_utt, out_rc, new_mems
 
+    # the order of csrc/emformer/conv_emformer_step_cpu.cpp's conv_emformer_step_cpu
     _fused_op = "conv_emformer_step_cpu"
-
-    def _fused_activations(self) -> list[int] | None:
-        ffn_act = _activation_code(self.ffn0.module[2])
-        conv_act = _activation_code(self.conv.post_conv[1])
-        if ffn_act is None or conv_act is None or _activation_code(self.ffn1.module[2]) != ffn_act:
-            return None
-        return [ffn_act, conv_act]
-
-    def _fused_weights(self) -> tuple[list[Tensor], list[float]]:
-        """The parameters in the order csrc/emformer/conv_emformer_step_cpu.cpp takes them."""
-        f0, f1, attn, conv = self.ffn0.module, self.ffn1.module, self.attention, self.conv
-        mods = [
-            f0[0], f0[1], f0[4], self.layer_norm_input, attn.emb_to_query,
-            attn.emb_to_key_value, attn.out_proj, conv.pre_conv[0], conv.pre_conv[1], conv.conv,
-            conv.post_conv[0], conv.post_conv[2], f1[0], f1[1], f1[4], self.layer_norm_output,
-        ]  # fmt: skip
-        weights = [t for m in mods for t in (m.weight, m.bias)]
-        norms = (f0[0], self.layer_norm_input, conv.pre_conv[0], conv.post_conv[0], f1[0])
-        eps = [float(n.eps) for n in (*norms, self.layer_norm_output)]
-        return weights, eps
+    _fused_modules = (
+        "ffn0.module.0", "ffn0.module.1", "ffn0.module.4", "layer_norm_input",
+        "attention.emb_to_query", "attention.emb_to_key_value", "attention.out_proj",
+        "conv.pre_conv.0", "conv.pre_conv.1", "conv.conv", "conv.post_conv.0",
+        "conv.post_conv.2", "ffn1.module.0", "ffn1.module.1", "ffn1.module.4",
+        "layer_norm_output",
+    )  # fmt: skip
+    _fused_norms = (
+        "ffn0.module.0", "layer_norm_input", "conv.pre_conv.0", "conv.post_conv.0",
+        "ffn1.module.0", "layer_norm_output",
+    )  # fmt: skip
+    _fused_acts = (("ffn0.module.2", "ffn1.module.2"), ("conv.post_conv.1",))
 
     def infer(
         self,
@@ -1092,6 +1106,13 @@ def _dispatched_attention(
         query, key, value, attention_mask, key_padding_mask, num_heads,
         negative_inf=negative_inf, dropout_p=dropout_p, training=training,
     )  # fmt: skip
+
+
+def _submodule(root: nn.Module, path: str) -> nn.Module:
+    """root's submodule at a dotted path, read from the `_modules` dicts (KeyError if none)."""
+    for name in path.split("."):
+        root = root._modules[name]
+    return root
 
 
 def _activation_code(module: nn.Module) -> int | None:

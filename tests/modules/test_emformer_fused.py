@@ -12,6 +12,7 @@ with the AVX-512 skinny GEMM (where the CPU has it) and with BLAS.
 
 import pytest
 import torch
+from torch.nn.utils import parametrize
 
 from seqkern import _ext, use_backend
 from seqkern.modules.emformer import ConvEmformer, ConvEmformerLayer, Emformer, EmformerLayer
@@ -121,3 +122,18 @@ def test_fused_step_is_taken_only_where_it_applies(monkeypatch, kind):
         slot[2] = torch.nn.GELU(approximate="tanh")
         model.infer(x, lengths)  # layer 0: an activation the step does not have
     assert len(calls) == 3
+    # a computed weight (a parametrization) is not a Parameter the step can take: the ops,
+    # and their output is the parametrised layer's
+    layer = model.emformer_layers[1]
+    parametrize.register_parametrization(layer.attention.out_proj, "weight", _Doubled())
+    with torch.no_grad():
+        y, _, _ = model.infer(x, lengths)
+        with use_backend("reference"):
+            want, _, _ = model.infer(x, lengths)
+    assert len(calls) == 3
+    torch.testing.assert_close(y, want, rtol=0, atol=0)
+
+
+class _Doubled(torch.nn.Module):
+    def forward(self, weight):
+        return 2 * weight
