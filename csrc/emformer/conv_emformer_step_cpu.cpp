@@ -214,61 +214,88 @@ void keep_last(const std::vector<Frames<T>>& parts, int64_t cap, int64_t B, int6
   }
 }
 
-// logits[(b H + h), i, j] = float((q_i * scaling) . k_j) over head h's hd columns, or
-// negative_inf where masked: the summary row (last, when `summary`) does not see the first
-// `mem` keys, and key j >= key_len[b] is padding. q is (Tq B, D) time-major; kp[j B + b] points
-// at key j of batch row b. Per head, the keys are gathered once into kt (hd, Tk), so each
-// query's logits are hd multiply-adds of a broadcast query element over a row of kt
-// (vectorised over the keys, no horizontal sums).
-template <typename T>
-void logits_impl(const T* q, const T* const* kp, float* logits, int64_t Tq, int64_t Tk,
-                 int64_t B, int64_t H, int64_t hd, double scaling, bool summary, int64_t mem,
-                 const int64_t* key_len, float negative_inf, int64_t bh0, int64_t bh1) {
-  const int64_t D = H * hd;
-  std::vector<T> kt(hd * Tk), acc(Tk);
-  for (int64_t bh = bh0; bh < bh1; ++bh) {
-    const int64_t b = bh / H, h = bh % H;
-    for (int64_t j = 0; j < Tk; ++j) {
-      const T* k = kp[j * B + b] + h * hd;
-      for (int64_t c = 0; c < hd; ++c) kt[c * Tk + j] = k[c];
-    }
-    const int64_t visible = key_len ? std::clamp<int64_t>(key_len[b], 0, Tk) : Tk;
-    for (int64_t i = 0; i < Tq; ++i) {
-      const T* qi = q + (i * B + b) * D + h * hd;
-      std::fill(acc.begin(), acc.end(), T(0));
-      for (int64_t c = 0; c < hd; ++c) {
-        const T qc = qi[c] * static_cast<T>(scaling);
-        const T* kc = kt.data() + c * Tk;
-        T* ap = acc.data();
+// The two attention products of a head, both c (M, N) = a (M, K) b (K, N) with a's entries
+// cast to T (probs are fp32; upstream casts them to the input dtype first) and b stored K-major
+// with N a multiple of kLanes: register blocks of kRows rows x kLanes columns, each a's
+// entry broadcast over a row of b (no horizontal sums). a's rows are read up to a multiple of
+// kRows (the caller pads them).
+constexpr int64_t kLanes = 16, kRows = 8;
+
+template <typename T, typename TA>
+SK_INLINE void tiny_gemm(const TA* a, int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc,
+                      int64_t M, int64_t N, int64_t K) {
+  for (int64_t i0 = 0; i0 < M; i0 += kRows) {
+    const int64_t rows = std::min(kRows, M - i0);
+    for (int64_t j0 = 0; j0 < N; j0 += kLanes) {
+      T acc[kRows][kLanes] = {};
+      for (int64_t k = 0; k < K; ++k) {
+        const T* bk = b + k * ldb + j0;
+        for (int64_t i = 0; i < kRows; ++i) {
+          const T ai = static_cast<T>(a[(i0 + i) * lda + k]);
 #pragma omp simd
-        for (int64_t j = 0; j < Tk; ++j) ap[j] += qc * kc[j];
+          for (int64_t l = 0; l < kLanes; ++l) acc[i][l] += ai * bk[l];
+        }
       }
-      float* row = logits + (bh * Tq + i) * Tk;
-      const int64_t hidden = summary && i == Tq - 1 ? std::min(mem, Tk) : 0;
-      for (int64_t j = 0; j < Tk; ++j) {
-        row[j] = j < hidden || j >= visible ? negative_inf : static_cast<float>(acc[j]);
+      for (int64_t i = 0; i < rows; ++i) {
+        std::copy(acc[i], acc[i] + kLanes, c + (i0 + i) * ldc + j0);
       }
     }
   }
 }
 
-// out (Tq B, D) time-major = probs @ v per head, probs cast to T first (as upstream)
+inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// Attention of the (b, h) pairs [bh0, bh1), in two passes around one fp32 softmax over all
+// of them (ATen's, as upstream). q is (Tq B, D) time-major; kp[j B + b] / vp[j B + b] point at
+// key / value j of batch row b. Pass 1: logits[(b H + h), i, j] = float((q_i * scaling) . k_j),
+// or negative_inf where masked (the summary row, last when `summary`, does not see the first
+// `mem` keys; key j >= key_len[b] is padding). Pass 2: out (Tq B, D) time-major = probs @ v.
+// Each pass gathers the head's operands into kLanes-padded buffers for tiny_gemm.
 template <typename T>
-void weighted_sum_impl(const float* probs, const T* const* vp, T* out, int64_t Tq, int64_t Tk,
-                       int64_t B, int64_t H, int64_t hd, int64_t bh0, int64_t bh1) {
-  const int64_t D = H * hd;
+SK_INLINE void logits_impl(const T* q, const T* const* kp, float* logits, int64_t Tq, int64_t Tk,
+                 int64_t B, int64_t H, int64_t hd, double scaling, bool summary, int64_t mem,
+                 const int64_t* key_len, float negative_inf, int64_t bh0, int64_t bh1) {
+  const int64_t D = H * hd, Tkp = round_up(Tk, kLanes);
+  std::vector<T> qs(round_up(Tq, kRows) * hd, T(0)), kt(hd * Tkp, T(0)), scores(Tq * Tkp);
   for (int64_t bh = bh0; bh < bh1; ++bh) {
     const int64_t b = bh / H, h = bh % H;
     for (int64_t i = 0; i < Tq; ++i) {
-      const float* p = probs + (bh * Tq + i) * Tk;
-      T* o = out + (i * B + b) * D + h * hd;
-      std::fill(o, o + hd, T(0));
+      const T* qi = q + (i * B + b) * D + h * hd;
+      for (int64_t c = 0; c < hd; ++c) qs[i * hd + c] = qi[c] * static_cast<T>(scaling);
+    }
+    for (int64_t j = 0; j < Tk; ++j) {
+      const T* k = kp[j * B + b] + h * hd;
+      for (int64_t c = 0; c < hd; ++c) kt[c * Tkp + j] = k[c];
+    }
+    tiny_gemm<T, T>(qs.data(), hd, kt.data(), Tkp, scores.data(), Tkp, Tq, Tkp, hd);
+    const int64_t visible = key_len ? std::clamp<int64_t>(key_len[b], 0, Tk) : Tk;
+    for (int64_t i = 0; i < Tq; ++i) {
+      const int64_t hidden = summary && i == Tq - 1 ? std::min(mem, Tk) : 0;
+      float* row = logits + (bh * Tq + i) * Tk;
       for (int64_t j = 0; j < Tk; ++j) {
-        const T pj = static_cast<T>(p[j]);
-        const T* v = vp[j * B + b] + h * hd;
-#pragma omp simd
-        for (int64_t c = 0; c < hd; ++c) o[c] += pj * v[c];
+        row[j] = j < hidden || j >= visible ? negative_inf
+                                            : static_cast<float>(scores[i * Tkp + j]);
       }
+    }
+  }
+}
+
+template <typename T>
+SK_INLINE void weighted_sum_impl(const float* probs, const T* const* vp, T* out, int64_t Tq, int64_t Tk,
+                       int64_t B, int64_t H, int64_t hd, int64_t bh0, int64_t bh1) {
+  const int64_t D = H * hd, hdp = round_up(hd, kLanes);
+  std::vector<float> p(round_up(Tq, kRows) * Tk, 0.0f);
+  std::vector<T> vt(Tk * hdp, T(0)), o(Tq * hdp);
+  for (int64_t bh = bh0; bh < bh1; ++bh) {
+    const int64_t b = bh / H, h = bh % H;
+    std::copy(probs + bh * Tq * Tk, probs + (bh + 1) * Tq * Tk, p.begin());
+    for (int64_t j = 0; j < Tk; ++j) {
+      const T* v = vp[j * B + b] + h * hd;
+      std::copy(v, v + hd, vt.data() + j * hdp);
+    }
+    tiny_gemm<T, float>(p.data(), Tk, vt.data(), hdp, o.data(), hdp, Tq, hdp, Tk);
+    for (int64_t i = 0; i < Tq; ++i) {
+      std::copy(o.data() + i * hdp, o.data() + i * hdp + hd, out + (i * B + b) * D + h * hd);
     }
   }
 }
@@ -361,12 +388,12 @@ Attended attend_impl(const at::Tensor& qin, const at::Tensor& mems_in_, const at
   }
   const int64_t H = num_heads, hd = D / H;
   const double scaling = 1.0 / std::sqrt(static_cast<double>(hd));
-  auto logits = at::empty({B * H, Tq, Tk}, opts.dtype(at::kFloat));
   const T* q_p = q.const_data_ptr<T>();
-  float* logits_p = logits.mutable_data_ptr<float>();
+  const int64_t* kl = key_len.empty() ? nullptr : key_len.data();
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, Tq * Tk * hd));
+  auto logits = at::empty({B * H, Tq, Tk}, opts.dtype(at::kFloat));
+  float* logits_p = logits.mutable_data_ptr<float>();
   at::parallel_for(0, B * H, grain, [&](int64_t bh0, int64_t bh1) {
-    const int64_t* kl = key_len.empty() ? nullptr : key_len.data();
     if constexpr (std::is_same_v<T, float>) {
       logits_f32(q_p, kp.data(), logits_p, Tq, Tk, B, H, hd, scaling, S > 0, mem_rows, kl,
                  static_cast<float>(negative_inf), bh0, bh1);

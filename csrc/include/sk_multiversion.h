@@ -18,6 +18,14 @@
 #define SK_MULTIVERSION
 #endif
 
+// SK_INLINE: for the bodies an SK_MULTIVERSION function calls. A body GCC does not inline is
+// compiled once, for the baseline ISA, and every clone calls that one copy.
+#if defined(__GNUC__)
+#define SK_INLINE inline __attribute__((always_inline))
+#else
+#define SK_INLINE inline
+#endif
+
 namespace seqkern {
 
 // The clone GCC's resolver picks for SK_MULTIVERSION functions on this CPU: it tests the same

@@ -49,7 +49,7 @@ inline void dot_rows(const T* __restrict wr, const T* __restrict x, int64_t k, T
 
 // Output features [begin, end) of all m rows; x rows in groups of four.
 template <typename T>
-inline void rows_impl(const T* x, const T* w, const T* b, T* y, int64_t m, int64_t k, int64_t n,
+SK_INLINE void rows_impl(const T* x, const T* w, const T* b, T* y, int64_t m, int64_t k, int64_t n,
                       int64_t begin, int64_t end) {
   T acc[4];
   for (int64_t o = begin; o < end; ++o) {
