@@ -7,8 +7,9 @@
 // multiply-adds. Here the layer is one C++ call. Its cost is then the weights (6 MB per layer at
 // input_dim 256, read from memory each segment): float32 Linears run on the AVX-512 skinny GEMM
 // (csrc/linear/skinny_gemm_cpu.cpp) with bias, activation and residual fused into its epilogue,
-// and on BLAS where that kernel does not apply. The attention products go to ATen (bmm), the
-// row concatenations are written in place, LayerNorm and the depthwise convolution are loops.
+// and on BLAS where that kernel does not apply. The attention reads its keys where the GEMM and
+// the state hold them (tiny_gemm per head, ATen's fp32 softmax), the state updates are written
+// once, LayerNorm and the depthwise convolution are loops.
 // seqkern.modules.emformer takes this path for ConvEmformer.infer without autograd, dropout
 // inactive, on float32 or float64 CPU tensors; the Python ops otherwise.
 //
