@@ -13,6 +13,11 @@ previous call's states, from no state) through upstream torchaudio 2.8.0 and thr
 swapped copy, in interleaved rounds; reported: the median time per segment of each, and the
 median over rounds of upstream / seqkern. Outputs and every state tensor are compared first.
 
+`--cpu-weights bf16` adds a third model to the same rounds, swapped with
+`cpu_weights="bf16"` (bfloat16 copies of the Linear weights, float32 arithmetic), and reports
+its time against both and its error against upstream's float32 outputs and states over the
+whole stream (`max_abs_diff_bf16`; the outputs are LayerNorm outputs, of order 1).
+
 Upstream comes from torchaudio 2.8.0's pure-Python sources (`python tests/upstream/fetch.py`
 puts them under .upstream/; tests/conftest.py loads them without torchaudio's compiled part).
 On a GPU both models run there (timed with a synchronisation after each round, so a segment's
@@ -113,6 +118,10 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--tiny", action="store_true", help="a 2-layer 64-wide model, 8 segments")
+    p.add_argument(
+        "--cpu-weights", choices=("bf16",), default=None,
+        help="also time seqkern.swap(..., cpu_weights=...) in the same rounds",
+    )  # fmt: skip
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -123,6 +132,11 @@ def main() -> int:
     upstream, cfg = build(args)
     upstream = upstream.to(device)
     ours = seqkern.swap(copy.deepcopy(upstream))
+    models = {"upstream": upstream, "seqkern": ours}
+    if args.cpu_weights:
+        models[f"seqkern-{args.cpu_weights}"] = seqkern.swap(
+            copy.deepcopy(upstream), cpu_weights=args.cpu_weights
+        )
     gen = torch.Generator().manual_seed(1)
     width = args.segment + args.right_context
     windows = [
@@ -131,29 +145,49 @@ def main() -> int:
     ]
     lengths = torch.full((args.batch,), width, device=device)
 
-    with torch.inference_mode():
-        want, want_states = stream(upstream, windows, lengths)
-        got, got_states = stream(ours, windows, lengths)
-        out_diff = max_diff(got, want)
-        state_diff = max(
+    def diffs(model):
+        got, got_states = stream(model, windows, lengths)
+        states = max(
             max_diff(a, b) for sa, sb in zip(got_states, want_states) for a, b in zip(sa, sb)
         )
-        times = {"upstream": [], "seqkern": []}
-        for _ in range(args.rounds):
-            for name, model in (("upstream", upstream), ("seqkern", ours)):
+        return max_diff(got, want), states
+
+    with torch.inference_mode():
+        want, want_states = stream(upstream, windows, lengths)
+        errors = {k: diffs(m) for k, m in models.items() if k != "upstream"}
+        out_diff, state_diff = errors["seqkern"]
+        times = {k: [] for k in models}
+        for i in range(args.rounds):
+            order = list(models.items())
+            for name, model in order if i % 2 == 0 else order[::-1]:
                 start = time.perf_counter()
                 stream(model, windows, lengths)
                 times[name].append((time.perf_counter() - start) * 1e3 / args.segments)
-    ratio = statistics.median(u / s for u, s in zip(times["upstream"], times["seqkern"]))
+
+    def ratio_of(a, b):
+        r = [x / y for x, y in zip(times[a], times[b])]
+        return statistics.median(r), min(r), max(r)
+
+    ratio = ratio_of("upstream", "seqkern")[0]
     ms = {k: statistics.median(v) for k, v in times.items()}
+    extra = {}
+    if args.cpu_weights:
+        low = f"seqkern-{args.cpu_weights}"
+        extra = {
+            f"ratio_vs_{low}": {k: ratio_of(k, low) for k in ("upstream", "seqkern")},
+            f"max_abs_diff_{args.cpu_weights}": dict(zip(("output", "states"), errors[low])),
+            "output_abs_max": float(want.abs().max()),
+        }
 
     name = device_name(device)
     threads = torch.get_num_threads()
     print(f"{args.model} emformer {cfg}, batch {args.batch}, {name}, {threads} threads")
     print(f"max |seqkern - upstream|: output {out_diff:.2e}, states {state_diff:.2e}")
-    for k in ("upstream", "seqkern"):
-        print(f"{k:9s} {ms[k]:8.3f} ms per segment")
+    for k in models:
+        print(f"{k:12s} {ms[k]:8.3f} ms per segment")
     print(f"upstream / seqkern: {ratio:.2f}x (median of {args.rounds} interleaved rounds)")
+    for key, value in extra.items():
+        print(f"{key}: {value}")
 
     result = {
         "device": name,
@@ -171,10 +205,12 @@ def main() -> int:
         "ms_per_segment_rounds": times,
         "speedup": ratio,
         "max_abs_diff": {"output": out_diff, "states": state_diff},
+        **extra,
     }
     out = Path(args.out) / slug(name)
     out.mkdir(parents=True, exist_ok=True)
     tag = f"-{args.model}-b{args.batch}" + (f"-{args.threads}thread" if args.threads else "")
+    tag += f"-{args.cpu_weights}w" if args.cpu_weights else ""
     path = out / f"emformer_stream{tag}{'-tiny' if args.tiny else ''}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {path}")

@@ -288,7 +288,14 @@ def _swap_one(module: nn.Module, rule: SwapRule, backend: tuple[str, ...] | None
     return new
 
 
-def swap(model: nn.Module, backend: str | tuple[str, ...] | None = None) -> nn.Module:
+CPU_WEIGHTS = (None, "bf16")
+
+
+def swap(
+    model: nn.Module,
+    backend: str | tuple[str, ...] | None = None,
+    cpu_weights: str | None = None,
+) -> nn.Module:
     """Replace, in place, every supported upstream module inside `model` by seqkern's.
 
     Args:
@@ -296,6 +303,13 @@ def swap(model: nn.Module, backend: str | tuple[str, ...] | None = None) -> nn.M
             torchaudio RNN-T with an Emformer transcriber, a VALL-E model, ...).
         backend: optional backend name(s) the swapped modules run under (as `use_backend`);
             None means auto.
+        cpu_weights: None (float32 weights, the default) or "bf16": the fused CPU streaming
+            step of every Emformer / ConvEmformer layer reads a bfloat16 copy of its Linear
+            weights (made once, remade when a weight changes), half the bytes per segment;
+            activations, products and sums stay float32, so the only error is the weights'
+            rounding (README: its size on the streaming outputs). The model's own Parameters
+            and state_dict stay float32 and untouched; the copies cost half their memory
+            again. Float32 inference only: float64, autograd and the op path use the weights.
     Returns:
         `model` (or, if `model` itself is a supported upstream module, its replacement).
         Weights are shared, not copied: the swapped model's parameters are the same objects.
@@ -305,6 +319,10 @@ def swap(model: nn.Module, backend: str | tuple[str, ...] | None = None) -> nn.M
         >>> encoder = seqkern.swap(encoder)          # BEATs attention now runs on seqkern ops
         >>> encoder = seqkern.unswap(encoder)        # and back
     """
+    if cpu_weights not in CPU_WEIGHTS:
+        raise ValueError(
+            f"seqkern.swap: cpu_weights must be one of {CPU_WEIGHTS}, got {cpu_weights!r}"
+        )
     if isinstance(backend, str):
         backend = (backend,)
     if backend is not None:
@@ -347,6 +365,16 @@ def swap(model: nn.Module, backend: str | tuple[str, ...] | None = None) -> nn.M
         visit(model)
     for s in skipped:
         warnings.warn(f"seqkern.swap: left as it is: {s}", stacklevel=2)
+    if cpu_weights is not None:
+        layers = [m for m in model.modules() if hasattr(m, "_cpu_weights")]
+        for layer in layers:
+            layer._cpu_weights = cpu_weights
+        if not layers:
+            warnings.warn(
+                f"seqkern.swap: cpu_weights={cpu_weights!r} applies to Emformer / ConvEmformer "
+                "layers, and this model has none",
+                stacklevel=2,
+            )
     if swapped == 0:
         warnings.warn(
             f"seqkern.swap: nothing to swap in {type(model).__name__}; supported: "

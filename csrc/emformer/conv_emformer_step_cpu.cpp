@@ -68,11 +68,14 @@ constexpr int64_t kSkinnyRows = 96;
 
 // residual + alpha * act(x W^T + b) (act a linear::SkinnyAct; residual may be undefined).
 // float32 streaming shapes take the AVX-512 skinny GEMM with the epilogue fused; the rest
-// (float64, many rows, no AVX-512) BLAS and ATen ops in the same order of operations.
+// (float64, many rows, no AVX-512) BLAS and ATen ops in the same order of operations. A
+// bfloat16 w (float32 x only: swap's cpu_weights="bf16") is read as it is by the skinny GEMM
+// and widened to float32 for BLAS, so both paths compute in float32 on the widened values.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
                   int act = linear::kActNone, const at::Tensor& residual = {},
                   double alpha = 1.0) {
   const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
+  const bool bf16w = w.scalar_type() == at::kBFloat16;
   if (x.scalar_type() == at::kFloat && m <= kSkinnyRows && linear::skinny_gemm_f32_available()) {
     const auto xc = x.stride(1) == 1 ? x : x.contiguous();
     const auto wc = w.contiguous();
@@ -88,12 +91,19 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
       ep.ldr = n;
     }
     auto y = at::empty({m, n}, x.options());
-    linear::skinny_gemm_f32(xc.const_data_ptr<float>(), std::max<int64_t>(xc.stride(0), 1),
-                            wc.const_data_ptr<float>(), y.mutable_data_ptr<float>(), n, m, k, n,
-                            ep);
+    const int64_t ldx = std::max<int64_t>(xc.stride(0), 1);
+    if (bf16w) {
+      linear::skinny_gemm_f32_bf16w(
+          xc.const_data_ptr<float>(), ldx,
+          reinterpret_cast<const uint16_t*>(wc.const_data_ptr<at::BFloat16>()),
+          y.mutable_data_ptr<float>(), n, m, k, n, ep);
+    } else {
+      linear::skinny_gemm_f32(xc.const_data_ptr<float>(), ldx, wc.const_data_ptr<float>(),
+                              y.mutable_data_ptr<float>(), n, m, k, n, ep);
+    }
     return y;
   }
-  auto y = at::addmm(b, x, w.t());
+  auto y = at::addmm(b, x, (bf16w ? w.to(x.scalar_type()) : w).t());
   activate_(y, act);
   if (alpha != 1.0) y.mul_(alpha);
   return residual.defined() ? y.add_(residual) : y;
@@ -475,8 +485,13 @@ std::vector<int64_t> check_step(const char* op, const at::Tensor& utt, const at:
                 utt.scalar_type());
   }
   for (const auto& w : weights) {
-    TORCH_CHECK(w.is_cpu() && w.scalar_type() == utt.scalar_type(), op,
-                ": weights must be CPU tensors of the utterance's dtype");
+    // Linear weights (2-D) of a float32 step may be bfloat16 (cpu_weights="bf16")
+    const bool bf16_linear = w.dim() == 2 && w.scalar_type() == at::kBFloat16 &&
+                             utt.scalar_type() == at::kFloat;
+    TORCH_CHECK(w.is_cpu() && (w.scalar_type() == utt.scalar_type() || bf16_linear), op,
+                ": weights must be CPU tensors of the utterance's dtype (Linear weights of a "
+                "float32 step may be bfloat16), got ",
+                w.scalar_type(), " for a ", utt.scalar_type(), " utterance");
   }
   TORCH_CHECK(rc.size(1) == B && rc.size(2) == D, op, ": rc must be (R, ", B, ", ", D,
               "), got ", rc.sizes());

@@ -34,5 +34,12 @@ bool skinny_gemm_set_enabled(bool on);  // returns the previous setting
 void skinny_gemm_f32(const float* x, int64_t ldx, const float* w, float* y, int64_t ldy, int64_t m,
                      int64_t k, int64_t n, const SkinnyEpilogue& ep);
 
+// The same with a bfloat16 weight (its raw 16-bit patterns, (n, k) contiguous), read at half
+// the bytes and widened exactly to float32 in registers: the x values, products and sums stay
+// float32, so y equals skinny_gemm_f32 on the widened weight (to the summation order, which is
+// the same). Plain AVX-512F: no AVX512-BF16 dot product, which would round x to bfloat16 too.
+void skinny_gemm_f32_bf16w(const float* x, int64_t ldx, const uint16_t* w, float* y, int64_t ldy,
+                           int64_t m, int64_t k, int64_t n, const SkinnyEpilogue& ep);
+
 }  // namespace linear
 }  // namespace seqkern

@@ -78,16 +78,35 @@ SK_AVX512 inline __m128 sum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
   return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
-// s[i][j] = x[i, :] . w[j][:] for MR rows of x and 4 weight rows; k = kfull + a masked tail
-template <int MR>
-SK_AVX512 inline void block(const float* x, int64_t ldx, const float* const* w, int64_t kfull,
+// 16 weights from p as float32: the float32 weight itself, or a bfloat16 one widened exactly
+// (its 16 bits are the high half of the float's); masked lanes read as 0
+SK_AVX512 inline __m512 load_w(const float* p) { return _mm512_loadu_ps(p); }
+SK_AVX512 inline __m512 load_w(const uint16_t* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+SK_AVX512 inline __m512 load_w(__mmask16 m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
+SK_AVX512 inline __m512 load_w(__mmask16 m, const uint16_t* p) {
+  // (a masked 16-bit load needs AVX512BW; the tail is short, so go through a zeroed copy)
+  alignas(32) uint16_t h[16] = {};
+  for (int i = 0; i < 16; ++i)
+    if (m >> i & 1) h[i] = p[i];
+  return load_w(h);
+}
+
+// s[i][j] = x[i, :] . w[j][:] for MR rows of x and 4 weight rows; k = kfull + a masked tail.
+// WT: the weight's storage (float, or uint16_t holding bfloat16); the products and sums are
+// float32 either way, so a bfloat16 weight gives exactly the float32 result on its widened
+// values.
+template <int MR, typename WT>
+SK_AVX512 inline void block(const float* x, int64_t ldx, const WT* const* w, int64_t kfull,
                             __mmask16 tail, float (*s)[4]) {
   __m512 acc[MR][4];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
   for (int64_t p = 0; p < kfull; p += 16) {
-    const __m512 w0 = _mm512_loadu_ps(w[0] + p), w1 = _mm512_loadu_ps(w[1] + p);
-    const __m512 w2 = _mm512_loadu_ps(w[2] + p), w3 = _mm512_loadu_ps(w[3] + p);
+    const __m512 w0 = load_w(w[0] + p), w1 = load_w(w[1] + p);
+    const __m512 w2 = load_w(w[2] + p), w3 = load_w(w[3] + p);
     for (int i = 0; i < MR; ++i) {
       const __m512 xv = _mm512_loadu_ps(x + i * ldx + p);
       acc[i][0] = _mm512_fmadd_ps(xv, w0, acc[i][0]);
@@ -98,10 +117,8 @@ SK_AVX512 inline void block(const float* x, int64_t ldx, const float* const* w, 
   }
   if (tail) {
     const int64_t p = kfull;
-    const __m512 w0 = _mm512_maskz_loadu_ps(tail, w[0] + p);
-    const __m512 w1 = _mm512_maskz_loadu_ps(tail, w[1] + p);
-    const __m512 w2 = _mm512_maskz_loadu_ps(tail, w[2] + p);
-    const __m512 w3 = _mm512_maskz_loadu_ps(tail, w[3] + p);
+    const __m512 w0 = load_w(tail, w[0] + p), w1 = load_w(tail, w[1] + p);
+    const __m512 w2 = load_w(tail, w[2] + p), w3 = load_w(tail, w[3] + p);
     for (int i = 0; i < MR; ++i) {
       const __m512 xv = _mm512_maskz_loadu_ps(tail, x + i * ldx + p);
       acc[i][0] = _mm512_fmadd_ps(xv, w0, acc[i][0]);
@@ -118,7 +135,8 @@ constexpr int kNr = 4;         // weight rows (output features) per block
 constexpr int64_t kAhead = 2;  // blocks prefetched ahead
 
 // output blocks [b0, b1) of 4 features each
-SK_AVX512 void run_blocks(const float* x, int64_t ldx, const float* w, float* y, int64_t ldy,
+template <typename WT>
+SK_AVX512 void run_blocks(const float* x, int64_t ldx, const WT* w, float* y, int64_t ldy,
                           int64_t m, int64_t k, int64_t n, const SkinnyEpilogue& ep, int64_t b0,
                           int64_t b1) {
   const int64_t kfull = k & ~int64_t{15};
@@ -129,10 +147,10 @@ SK_AVX512 void run_blocks(const float* x, int64_t ldx, const float* w, float* y,
     if (b + kAhead < b1) {  // weight rows are contiguous: one run of lines
       const int64_t ja = j0 + kAhead * kNr;
       const char* p = reinterpret_cast<const char*>(w + ja * k);
-      const int64_t bytes = std::min<int64_t>(kNr, n - ja) * k * int64_t{sizeof(float)};
+      const int64_t bytes = std::min<int64_t>(kNr, n - ja) * k * int64_t{sizeof(WT)};
       for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(p + off, _MM_HINT_T1);
     }
-    const float* wr[kNr];
+    const WT* wr[kNr];
     for (int j = 0; j < kNr; ++j) wr[j] = w + std::min<int64_t>(j0 + j, n - 1) * k;
     float s[kMr][4];
     for (int64_t i0 = 0; i0 < m; i0 += kMr) {
@@ -166,8 +184,11 @@ bool skinny_gemm_f32_available() {
 
 bool skinny_gemm_set_enabled(bool on) { return g_enabled.exchange(on); }
 
-void skinny_gemm_f32(const float* x, int64_t ldx, const float* w, float* y, int64_t ldy, int64_t m,
-                     int64_t k, int64_t n, const SkinnyEpilogue& ep) {
+namespace {
+
+template <typename WT>
+void skinny_gemm(const float* x, int64_t ldx, const WT* w, float* y, int64_t ldy, int64_t m,
+                 int64_t k, int64_t n, const SkinnyEpilogue& ep) {
 #if SK_SKINNY_X86
   if (m <= 0 || n <= 0) return;
   const int64_t blocks = (n + kNr - 1) / kNr;
@@ -179,6 +200,18 @@ void skinny_gemm_f32(const float* x, int64_t ldx, const float* w, float* y, int6
 #else
   (void)x, (void)ldx, (void)w, (void)y, (void)ldy, (void)m, (void)k, (void)n, (void)ep;
 #endif
+}
+
+}  // namespace
+
+void skinny_gemm_f32(const float* x, int64_t ldx, const float* w, float* y, int64_t ldy, int64_t m,
+                     int64_t k, int64_t n, const SkinnyEpilogue& ep) {
+  skinny_gemm(x, ldx, w, y, ldy, m, k, n, ep);
+}
+
+void skinny_gemm_f32_bf16w(const float* x, int64_t ldx, const uint16_t* w, float* y, int64_t ldy,
+                           int64_t m, int64_t k, int64_t n, const SkinnyEpilogue& ep) {
+  skinny_gemm(x, ldx, w, y, ldy, m, k, n, ep);
 }
 
 }  // namespace linear

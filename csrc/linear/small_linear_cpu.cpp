@@ -130,7 +130,8 @@ at::Tensor small_linear_cpu(const at::Tensor& x_in, const at::Tensor& w_in,
 }
 
 // The skinny GEMM (skinny_gemm.h) on tensors, for tests: x (M, K) with unit column stride,
-// weight (N, K), optional bias (N) and residual (M, N) -> residual + alpha * act(x W^T + b).
+// weight (N, K) float32 or bfloat16, optional bias (N) and residual (M, N)
+// -> residual + alpha * act(x W^T + b).
 at::Tensor skinny_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
                              const c10::optional<at::Tensor>& bias, int64_t act,
                              const c10::optional<at::Tensor>& residual, double alpha) {
@@ -140,7 +141,8 @@ at::Tensor skinny_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
   SK_CHECK_DIM(weight, 2);
   TORCH_CHECK(x.is_cpu() && weight.is_cpu(), "skinny_linear_cpu: CPU tensors only");
   SK_CHECK_DTYPE(x, at::kFloat);
-  SK_CHECK_DTYPE(weight, at::kFloat);
+  TORCH_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16,
+              "skinny_linear_cpu: weight must be float32 or bfloat16, got ", weight.scalar_type());
   TORCH_CHECK(act >= kActNone && act <= kActSilu, "skinny_linear_cpu: unknown activation ", act);
   const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
   TORCH_CHECK(weight.size(1) == k, "skinny_linear_cpu: weight must be (N, ", k, "), got ",
@@ -165,8 +167,15 @@ at::Tensor skinny_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
     ep.ldr = n;
   }
   at::Tensor y = at::empty({m, n}, x.options());
-  skinny_gemm_f32(x.const_data_ptr<float>(), std::max<int64_t>(x.stride(0), 1),
-                  w.const_data_ptr<float>(), y.mutable_data_ptr<float>(), n, m, k, n, ep);
+  const int64_t ldx = std::max<int64_t>(x.stride(0), 1);
+  if (w.scalar_type() == at::kBFloat16) {
+    skinny_gemm_f32_bf16w(x.const_data_ptr<float>(), ldx,
+                          reinterpret_cast<const uint16_t*>(w.const_data_ptr<at::BFloat16>()),
+                          y.mutable_data_ptr<float>(), n, m, k, n, ep);
+  } else {
+    skinny_gemm_f32(x.const_data_ptr<float>(), ldx, w.const_data_ptr<float>(),
+                    y.mutable_data_ptr<float>(), n, m, k, n, ep);
+  }
   return y;
 }
 

@@ -29,6 +29,7 @@ upstream's): `torch.jit.is_scripting()` selects it, the eager-only code is `torc
 """
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -530,6 +531,9 @@ class _StreamingLayerState(_SegmentMeans):
     # (`_fused_acts`: one code per group, every module of a group the same activation).
 
     _fused_op = ""
+    # "bf16": the fused step reads bfloat16 copies of the Linear weights (seqkern.swap's
+    # cpu_weights); an instance attribute where set, so TorchScript and state_dict ignore it
+    _cpu_weights: str | None = None
     _fused_modules: tuple[str, ...] = ()
     _fused_norms: tuple[str, ...] = ()
     _fused_acts: tuple[tuple[str, ...], ...] = ()
@@ -588,6 +592,9 @@ class _StreamingLayerState(_SegmentMeans):
             return None
         if state is not None and any(t.device.type != "cpu" for t in state):
             return None
+        if self._cpu_weights == "bf16" and x.dtype == torch.float32:
+            weights = [_bf16_copy(w) if w.dim() == 2 else w for w in weights]
+            return weights, args[1], args[2]
         return args
 
     @torch.jit.unused
@@ -1106,6 +1113,32 @@ def _dispatched_attention(
         query, key, value, attention_mask, key_padding_mask, num_heads,
         negative_inf=negative_inf, dropout_p=dropout_p, training=training,
     )  # fmt: skip
+
+
+# id(Parameter) -> (a weak reference to it, its (_version, data_ptr), the bfloat16 copy):
+# remade when the weight is written in place (load_state_dict, an optimizer step) or given new
+# data, dropped with the Parameter. (Not a WeakKeyDictionary: it compares keys with ==, which
+# on tensors is elementwise.)
+_BF16_COPIES: dict[int, tuple[weakref.ref, tuple[int, int], Tensor]] = {}
+
+
+def _bf16_copy(w: Tensor) -> Tensor:
+    """A bfloat16 copy of the weight `w` (round to nearest even), cached per Parameter."""
+    key = (w._version, w.data_ptr())
+    hit = _BF16_COPIES.get(id(w))
+    if hit is not None and hit[0]() is w and hit[1] == key:
+        return hit[2]
+    with torch.no_grad():
+        copy = w.detach().to(torch.bfloat16).contiguous()
+    ident = id(w)
+
+    def drop(_ref, ident=ident):
+        entry = _BF16_COPIES.get(ident)
+        if entry is not None and entry[0] is _ref:
+            del _BF16_COPIES[ident]
+
+    _BF16_COPIES[ident] = (weakref.ref(w, drop), key, copy)
+    return copy
 
 
 def _submodule(root: nn.Module, path: str) -> nn.Module:

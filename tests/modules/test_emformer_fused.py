@@ -10,6 +10,8 @@ float64, and an input_dim off the GEMM kernel's 16-wide steps; float32 runs both
 with the AVX-512 skinny GEMM (where the CPU has it) and with BLAS.
 """
 
+import copy
+
 import pytest
 import torch
 from torch.nn.utils import parametrize
@@ -132,6 +134,51 @@ def test_fused_step_is_taken_only_where_it_applies(monkeypatch, kind):
             want, _, _ = model.infer(x, lengths)
     assert len(calls) == 3
     torch.testing.assert_close(y, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("B,R,M,LC,ffn_act,conv_act,tanh,dtype,D", CONFIGS[:5])
+def test_bf16_weights_are_the_ops_on_the_rounded_weights(
+    gemm, kind, B, R, M, LC, ffn_act, conv_act, tanh, dtype, D
+):
+    """cpu_weights="bf16": the step reads bfloat16 copies of the Linear weights and computes
+    in float32, so it matches the float32 ops on a model whose Linear weights were rounded to
+    bfloat16, state by state, at float32's tolerance, and leaves the model's own weights as
+    they were. A weight written in place is read anew."""
+    model = _model(R, M, LC, ffn_act, conv_act, tanh, dtype, D, kind)
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in rounded.parameters():
+            if p.dim() == 2:
+                p.copy_(p.bfloat16().float())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for layer in model.emformer_layers:
+        layer._cpu_weights = "bf16"
+    gen = torch.Generator().manual_seed(3)
+    fused = ops = full = None
+    tol = dict(rtol=1e-5, atol=1e-5)
+    for step in range(5):
+        if step == 3:  # an in-place update (an optimizer step, load_state_dict) of one weight
+            with torch.no_grad():
+                w = model.emformer_layers[1].attention.out_proj.weight
+                w.mul_(1.5)
+                rounded.emformer_layers[1].attention.out_proj.weight.copy_(w.bfloat16().float())
+                before = {k: v.clone() for k, v in model.state_dict().items()}
+        x = torch.randn(B, 4 + R, D, generator=gen)
+        lengths = torch.tensor([4 + R - (b % 3) for b in range(B)])
+        with torch.no_grad():
+            y, _, fused = model.infer(x, lengths, fused)
+            with use_backend("reference"):
+                want, _, ops = rounded.infer(x, lengths, ops)
+                y32, _, full = model.infer(x, lengths, full)
+        torch.testing.assert_close(y, want, **tol)
+        for layer_fused, layer_ops in zip(fused, ops, strict=True):
+            for a, b in zip(layer_fused, layer_ops, strict=True):
+                torch.testing.assert_close(a, b, **tol)
+        # the rounding is really there: float32 weights give a visibly different output
+        assert (y - y32).abs().max() > 1e-4
+    for k, v in model.state_dict().items():
+        assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
 
 
 class _Doubled(torch.nn.Module):

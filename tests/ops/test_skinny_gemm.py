@@ -63,6 +63,25 @@ def test_matches_oracle(m, k, n, act):
         assert_close_to_oracle(got, _oracle(x, w, bias, act, res, alpha), ref, name="skinny")
 
 
+@pytest.mark.parametrize(
+    "m, k, n", [(1, 1, 1), (2, 17, 3), (7, 33, 9), (13, 250, 67), (21, 256, 1024), (5, 4105, 9)]
+)
+@pytest.mark.parametrize("act", [0, 2])
+def test_bfloat16_weight_is_the_float32_kernel_on_its_widened_values(m, k, n, act):
+    """A bfloat16 weight (seqkern.swap's cpu_weights="bf16") is widened exactly in registers:
+    the result is bit for bit the float32 kernel's on w.bfloat16().float(), K tails included,
+    and the float64 oracle's on those values."""
+    gen = torch.Generator().manual_seed(11 * m + k + 5 * n + act)
+    x = torch.randn(m, k, generator=gen)
+    w = (torch.randn(n, k, generator=gen) / k**0.5).bfloat16()
+    b, r = torch.randn(n, generator=gen), torch.randn(m, n, generator=gen)
+    got = C.skinny_linear_cpu(x, w, b, act, r, 0.5)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, C.skinny_linear_cpu(x, w.float(), b, act, r, 0.5))
+    ref = ACTS[act](F.linear(x, w.float(), b)) * 0.5 + r
+    assert_close_to_oracle(got, _oracle(x, w.float(), b, act, r, 0.5), ref, name="bf16 weight")
+
+
 def test_strided_rows_and_a_noncontiguous_weight():
     gen = torch.Generator().manual_seed(0)
     base = torch.randn(9, 80, generator=gen)
@@ -84,6 +103,8 @@ def test_nan_stays_in_its_row():
 def test_rejects_bad_inputs():
     with pytest.raises(RuntimeError, match="dtype|Float"):
         C.skinny_linear_cpu(torch.randn(2, 8).double(), torch.randn(4, 8).double())
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        C.skinny_linear_cpu(torch.randn(2, 8), torch.randn(4, 8).half())
     with pytest.raises(RuntimeError, match="weight must be"):
         C.skinny_linear_cpu(torch.randn(2, 8), torch.randn(4, 7))
     with pytest.raises(RuntimeError, match="unit column stride"):

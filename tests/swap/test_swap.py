@@ -185,6 +185,49 @@ def test_swap_conv_emformer(torchaudio_upstream):
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
 
 
+def test_swap_cpu_weights_bf16(torchaudio_upstream):
+    """cpu_weights="bf16" marks every (Conv)Emformer layer and nothing else: the Parameters
+    and state_dict are the upstream ones, float32; streaming runs on bfloat16 Linear weights
+    (so its output is close to upstream's but not equal); bad values and a model without
+    Emformer layers are said."""
+    from seqkern.modules.emformer import Emformer
+
+    torch.manual_seed(0)
+    up = torchaudio_upstream.emformer.Emformer(
+        32, 4, 64, 2, segment_length=4, left_context_length=4, right_context_length=1,
+        max_memory_size=2,
+    )  # fmt: skip
+    _perturbed(up, seed=2)
+    up.eval()
+    params = dict(up.named_parameters())
+    sd = {k: v.clone() for k, v in up.state_dict().items()}
+    x, lengths = torch.randn(1, 5, 32), torch.tensor([5])
+    with torch.no_grad():
+        want, _, _ = up.infer(x, lengths, None)
+    ours = seqkern.swap(up, cpu_weights="bf16")
+    assert isinstance(ours, Emformer)
+    assert all(layer._cpu_weights == "bf16" for layer in ours.emformer_layers)
+    assert dict(ours.named_parameters()) == params
+    assert {k: v.dtype for k, v in ours.state_dict().items()} == {k: v.dtype for k, v in sd.items()}
+    with torch.no_grad():
+        got, _, _ = ours.infer(x, lengths, None)
+    for k, v in ours.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    err = (got - want).abs().max()
+    if _ext_fused_available():
+        assert 1e-5 < err < 5e-2, err
+    with pytest.raises(ValueError, match="cpu_weights"):
+        seqkern.swap(nn.Linear(3, 3), cpu_weights="int4")
+    with pytest.warns(UserWarning, match="has none"):
+        seqkern.swap(nn.Linear(3, 3), cpu_weights="bf16")
+
+
+def _ext_fused_available() -> bool:
+    from seqkern import _ext, backends
+
+    return not backends.unavailable_reason("cpu") and hasattr(_ext.C, "emformer_step_cpu")
+
+
 MEGA_SMALL = dict(
     vocab_size=11,
     block_size=24,
