@@ -43,6 +43,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "linear/bf16_linear.h"
 #include "linear/skinny_gemm.h"
 #include "sk_checks.h"
 #include "sk_multiversion.h"
@@ -69,11 +70,19 @@ constexpr int64_t kSkinnyRows = 96;
 // residual + alpha * act(x W^T + b) (act a linear::SkinnyAct; residual may be undefined).
 // float32 streaming shapes take the AVX-512 skinny GEMM with the epilogue fused; the rest
 // (float64, many rows, no AVX-512) BLAS and ATen ops in the same order of operations. A
-// bfloat16 w (float32 x only: swap's cpu_weights="bf16") is read as it is by the skinny GEMM
-// and widened to float32 for BLAS, so both paths compute in float32 on the widened values.
+// bfloat16 w (float32 x only: swap's cpu_weights="bf16") comes (n, k), read as it is by the
+// skinny GEMM and widened to float32 for BLAS (float32 arithmetic on the widened values), or
+// packed for the CPU's matrix units (3-D, linear::pack_bf16_weight: x rounded to bfloat16 too,
+// float32 accumulation).
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
                   int act = linear::kActNone, const at::Tensor& residual = {},
                   double alpha = 1.0) {
+  if (w.dim() == 3) {
+    auto y = linear::bf16_packed_linear(x.stride(1) == 1 ? x : x.contiguous(), w, b);
+    activate_(y, act);
+    if (alpha != 1.0) y.mul_(alpha);
+    return residual.defined() ? y.add_(residual) : y;
+  }
   const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
   const bool bf16w = w.scalar_type() == at::kBFloat16;
   if (x.scalar_type() == at::kFloat && m <= kSkinnyRows && linear::skinny_gemm_f32_available()) {
@@ -485,9 +494,9 @@ std::vector<int64_t> check_step(const char* op, const at::Tensor& utt, const at:
                 utt.scalar_type());
   }
   for (const auto& w : weights) {
-    // Linear weights (2-D) of a float32 step may be bfloat16 (cpu_weights="bf16")
-    const bool bf16_linear = w.dim() == 2 && w.scalar_type() == at::kBFloat16 &&
-                             utt.scalar_type() == at::kFloat;
+    // Linear weights of a float32 step may be bfloat16 (cpu_weights="bf16"): (n, k), or
+    // packed (3-D); the depthwise conv's weight is checked to be of the utterance's dtype
+    const bool bf16_linear = w.scalar_type() == at::kBFloat16 && utt.scalar_type() == at::kFloat;
     TORCH_CHECK(w.is_cpu() && (w.scalar_type() == utt.scalar_type() || bf16_linear), op,
                 ": weights must be CPU tensors of the utterance's dtype (Linear weights of a "
                 "float32 step may be bfloat16), got ",
@@ -524,7 +533,7 @@ std::vector<at::Tensor> conv_emformer_step_cpu(
   const auto opts = utt.options();
   const int64_t S = mems_in.size(0) > 0 ? 1 : 0;  // a summary row when memory is used
   TORCH_CHECK(weights[18].dim() == 3 && weights[18].size(0) == D && weights[18].size(1) == 1 &&
-                  weights[19].numel() == D,
+                  weights[18].scalar_type() == utt.scalar_type() && weights[19].numel() == D,
               "conv_emformer_step_cpu: the depthwise conv must be (D, 1, k) with a (D,) bias, "
               "got ",
               weights[18].sizes(), " and ", weights[19].sizes());
@@ -625,7 +634,34 @@ std::vector<at::Tensor> emformer_step_cpu(
           att.lc_key,          att.lc_val,          att.past_length};
 }
 
+// The steps' Linear on tensors, for tests: every path (skinny float32, skinny on a bfloat16
+// weight, packed bfloat16, BLAS) as the steps take it.
+at::Tensor emformer_linear_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                               int64_t act, const c10::optional<at::Tensor>& residual,
+                               double alpha) {
+  SK_CHECK_DIM(x, 2);
+  TORCH_CHECK(x.is_cpu() && w.is_cpu() && b.is_cpu(), "emformer_linear_cpu: CPU tensors only");
+  TORCH_CHECK(act >= linear::kActNone && act <= linear::kActSilu,
+              "emformer_linear_cpu: unknown activation ", act);
+  const bool packed = w.dim() == 3;
+  TORCH_CHECK(packed || (w.dim() == 2 && w.size(1) == x.size(1)),
+              "emformer_linear_cpu: weight must be (n, ", x.size(1), ") or packed, got ",
+              w.sizes());
+  TORCH_CHECK(w.scalar_type() == x.scalar_type() ||
+                  (w.scalar_type() == at::kBFloat16 && x.scalar_type() == at::kFloat),
+              "emformer_linear_cpu: weight must be of x's dtype or bfloat16 for float32 x");
+  TORCH_CHECK(b.dim() == 1 && b.scalar_type() == x.scalar_type() &&
+                  (packed || b.size(0) == w.size(0)),
+              "emformer_linear_cpu: bias must be (n,) of x's dtype");
+  return linear(x, w, b, static_cast<int>(act), residual.value_or(at::Tensor()), alpha);
+}
+
 void bind(pybind11::module_& m) {
+  m.def("emformer_linear_cpu", &emformer_linear_cpu,
+        "residual + alpha * act(x W^T + b) as the fused Emformer steps compute it (tests)",
+        pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias"),
+        pybind11::arg("act") = 0, pybind11::arg("residual") = pybind11::none(),
+        pybind11::arg("alpha") = 1.0);
   m.def("conv_emformer_step_cpu", &conv_emformer_step_cpu,
         "One ConvEmformer layer's streaming step on the CPU, fused (inference only)");
   m.def("emformer_step_cpu", &emformer_step_cpu,

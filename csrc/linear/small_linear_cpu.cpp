@@ -12,6 +12,7 @@
 
 #include <algorithm>
 
+#include "linear/bf16_linear.h"
 #include "linear/skinny_gemm.h"
 #include "linear/small_linear.h"
 #include "sk_checks.h"
@@ -189,6 +190,12 @@ void bind(pybind11::module_& m) {
         "whether the AVX-512 skinny GEMM runs on this CPU (and is enabled)");
   m.def("skinny_gemm_set_enabled", &skinny_gemm_set_enabled,
         "turn the skinny GEMM on or off (callers fall back to BLAS); returns the previous value");
+  m.def("pack_bf16_linear_weight", &pack_bf16_weight,
+        "an (n, k) Linear weight rounded to bfloat16 and packed for bf16_packed_linear");
+  m.def("bf16_packed_available", &bf16_packed_available,
+        "whether the packed bfloat16 GEMM (AMX / AVX512-BF16 via oneDNN) runs here (enabled)");
+  m.def("bf16_packed_set_enabled", &bf16_packed_set_enabled,
+        "turn the packed bfloat16 GEMM on or off; returns the previous value");
   m.def("small_linear_cpu", &small_linear_cpu, "x @ weight^T + bias for at most 8 rows (CPU)",
         pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias") = pybind11::none());
   m.attr("small_linear_max_rows") = kMaxRows;

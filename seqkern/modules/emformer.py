@@ -1123,13 +1123,19 @@ _BF16_COPIES: dict[int, tuple[weakref.ref, tuple[int, int], Tensor]] = {}
 
 
 def _bf16_copy(w: Tensor) -> Tensor:
-    """A bfloat16 copy of the weight `w` (round to nearest even), cached per Parameter."""
-    key = (w._version, w.data_ptr())
+    """The weight `w` (n, k) rounded to bfloat16 (to nearest even), cached per Parameter: packed
+    for the CPU's matrix units (AMX / AVX512-BF16, a 3-D tensor) where the extension has that
+    GEMM, else (n, k) for the AVX-512 skinny GEMM, which widens it back to float32."""
+    packed = bool(_ext.C.bf16_packed_available())
+    key = (w._version, w.data_ptr(), packed)
     hit = _BF16_COPIES.get(id(w))
     if hit is not None and hit[0]() is w and hit[1] == key:
         return hit[2]
     with torch.no_grad():
-        copy = w.detach().to(torch.bfloat16).contiguous()
+        if packed:
+            copy = _ext.C.pack_bf16_linear_weight(w.detach())
+        else:
+            copy = w.detach().to(torch.bfloat16).contiguous()
     ident = id(w)
 
     def drop(_ref, ident=ident):
