@@ -210,6 +210,8 @@ def main() -> int:
     out = Path(args.out) / slug(name)
     out.mkdir(parents=True, exist_ok=True)
     tag = f"-{args.model}-b{args.batch}" + (f"-{args.threads}thread" if args.threads else "")
+    if (args.input_dim, args.layers) != (256, 6):  # not the default size: say which
+        tag += f"-{args.input_dim}x{args.layers}"
     tag += f"-{args.cpu_weights}w" if args.cpu_weights else ""
     path = out / f"emformer_stream{tag}{'-tiny' if args.tiny else ''}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
