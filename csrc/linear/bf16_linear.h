@@ -1,6 +1,7 @@
 // bfloat16 Linears for CPU streaming inference (seqkern.swap's cpu_weights="bf16"), on the
-// matrix units of the CPU: Intel AMX, or AVX512-BF16 dot products, through the batch-reduce
-// GEMM micro-kernel that ATen exports from oneDNN (at::native::cpublas::brgemm).
+// matrix units of the CPU (Intel AMX; oneDNN decides whether it also packs for AVX512-BF16
+// alone), through the batch-reduce GEMM micro-kernel that ATen exports from oneDNN
+// (at::native::cpublas::brgemm).
 //
 // The weight (n, k) is rounded to bfloat16 and laid out once, at load: transposed to (k, n),
 // cut into 64-column panels, each packed in the VNNI order the micro-kernel reads (pairs of k
