@@ -305,9 +305,11 @@ def swap(
             None means auto.
         cpu_weights: None (float32 weights, the default) or "bf16": the fused CPU streaming
             step of every Emformer / ConvEmformer layer reads a bfloat16 copy of its Linear
-            weights (made once, remade when a weight changes), half the bytes per segment;
-            activations, products and sums stay float32, so the only error is the weights'
-            rounding (README: its size on the streaming outputs). The model's own Parameters
+            weights (made once, remade when a weight changes), half the bytes per segment.
+            Where oneDNN packs bfloat16 on this CPU (AMX) the Linears run on the matrix units
+            with their inputs rounded to bfloat16 too; elsewhere x stays float32 and the
+            weight is widened. Sums are float32 either way (README: the error on the
+            streaming outputs). The model's own Parameters
             and state_dict stay float32 and untouched; the copies cost half their memory
             again. Float32 inference only: float64, autograd and the op path use the weights.
     Returns:

@@ -532,7 +532,7 @@ class _StreamingLayerState(_SegmentMeans):
 
     _fused_op = ""
     # "bf16": the fused step reads bfloat16 copies of the Linear weights (seqkern.swap's
-    # cpu_weights); an instance attribute where set, so TorchScript and state_dict ignore it
+    # cpu_weights); a plain str attribute: not in the state_dict, never read by TorchScript
     _cpu_weights: str | None = None
     _fused_modules: tuple[str, ...] = ()
     _fused_norms: tuple[str, ...] = ()
